@@ -1,0 +1,1 @@
+"""cpfx: context parallelism for diffusion transformers."""

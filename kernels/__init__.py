@@ -1,0 +1,1 @@
+"""cpfx compute kernels (Triton on CUDA, torch reference elsewhere)."""

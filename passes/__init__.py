@@ -1,0 +1,1 @@
+"""cpfx graph passes, one per file."""

@@ -1,1 +1,22 @@
-"""cpfx: context parallelism for diffusion transformers."""
+"""cpfx: context parallelism for diffusion transformers, as FX graph passes."""
+
+from __future__ import annotations
+
+from cpfx import ops as _ops  # noqa: F401  (registers torch.ops.cpfx.*)
+from cpfx import p2p as _p2p  # noqa: F401
+from cpfx.api import parallelize
+from cpfx.backend import backend
+from cpfx.config import ParallelConfig
+from cpfx.debug import counters, reset_counters
+from cpfx.errors import (
+    ConfigError,
+    CpfxError,
+    PassError,
+    RankDivergenceError,
+    UnsupportedPatternError,
+)
+
+__all__ = [
+    "ConfigError", "CpfxError", "ParallelConfig", "PassError", "RankDivergenceError",
+    "UnsupportedPatternError", "backend", "counters", "parallelize", "reset_counters",
+]

@@ -1,0 +1,119 @@
+"""Small FX helpers shared by the passes: argument normalisation, splicing, metadata."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+SDPA_TARGETS = (
+    torch._C._nn.scaled_dot_product_attention,
+    torch.nn.functional.scaled_dot_product_attention,
+)
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS: dict[str, Any] = {
+    "attn_mask": None,
+    "dropout_p": 0.0,
+    "is_causal": False,
+    "scale": None,
+    "enable_gqa": False,
+}
+
+
+def op_name(n: fx.Node) -> str:
+    """A short name for what `n` computes: method name, or function `__name__`."""
+    if n.op == "call_method":
+        return str(n.target)
+    if n.op == "call_function":
+        return getattr(n.target, "__name__", str(n.target))
+    return n.op
+
+
+def is_sdpa(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in SDPA_TARGETS
+
+
+def sdpa_args(n: fx.Node) -> dict[str, Any]:
+    """SDPA arguments by name whether the model passed them positionally or as keywords."""
+    out = dict(SDPA_DEFAULTS)
+    out.update(zip(SDPA_PARAMS, n.args))
+    out.update(n.kwargs)
+    return out
+
+
+def val(n: Any) -> Any:
+    """The example (fake) value of a node, or the object itself if it is not a node."""
+    if isinstance(n, fx.Node):
+        return n.meta.get("val", n.meta.get("example_value"))
+    return n
+
+
+def is_tensor_node(n: Any) -> bool:
+    return isinstance(n, fx.Node) and isinstance(val(n), torch.Tensor)
+
+
+def tensor_inputs(n: fx.Node) -> list[fx.Node]:
+    return [a for a in n.all_input_nodes if is_tensor_node(a)]
+
+
+def copy_origin_meta(new: fx.Node, origin: fx.Node, pass_name: str) -> None:
+    """New nodes point back at the model source line of the node they stand for."""
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in origin.meta and key not in new.meta:
+            new.meta[key] = origin.meta[key]
+    new.meta["cpfx_pass"] = pass_name
+
+
+def splice(
+    graph: fx.Graph,
+    anchor: fx.Node,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    after: bool = False,
+    origin: fx.Node | None = None,
+    pass_name: str = "",
+) -> Any:
+    """Trace `fn(*args, **kwargs)` into `graph` next to `anchor` and return its output node(s).
+
+    Node arguments become proxies, everything else is passed as a Python constant, so `fn` is an
+    ordinary function that also runs eagerly on tensors (that is how replacements are unit-tested).
+    """
+    tracer = GraphAppendingTracer(graph)
+    before = set(graph.nodes)
+    ctx = graph.inserting_before(anchor.next if after else anchor)  # keeps creation order
+    with ctx:
+        proxied = [Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in args]
+        out = fn(*proxied, **(kwargs or {}))
+    for n in graph.nodes:
+        if n not in before:
+            copy_origin_meta(n, origin or anchor, pass_name)
+    return _unproxy(out)
+
+
+def _unproxy(x: Any) -> Any:
+    if isinstance(x, Proxy):
+        return x.node
+    if isinstance(x, (tuple, list)):
+        return type(x)(_unproxy(i) for i in x)
+    return x
+
+
+def tag(x: Any, **meta: Any) -> Any:
+    """Attach `meta` to the node behind a proxy (no-op on real tensors)."""
+    if isinstance(x, Proxy):
+        x.node.meta.update(meta)
+    return x
+
+
+def getitem_users(n: fx.Node) -> dict[int, fx.Node]:
+    return {
+        u.args[1]: u
+        for u in n.users
+        if u.op == "call_function" and u.target is operator.getitem
+    }

@@ -1,0 +1,44 @@
+"""`cpfx::ring_send_recv`: one ring step of batched point-to-point, as an async graph node.
+
+The op issues `batch_isend_irecv` (send to `send_to`, receive from `recv_from`, global ranks) and
+returns the receive buffer at once; the receive is registered with the functional-collective
+work registry, so `_c10d_functional.wait_tensor(out)` is the wait node that scheduling passes
+and inductor understand. Pending sends are completed before the next step's sends are issued.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_pending_sends: list[dist.Work] = []
+
+
+@torch.library.custom_op("cpfx::ring_send_recv", mutates_args=())
+def ring_send_recv(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
+    finish_sends()
+    out = torch.empty_like(x)
+    if send_to == dist.get_rank():  # ring of one: nothing moves
+        out.copy_(x)
+        return out
+    ops = [dist.P2POp(dist.isend, x, send_to), dist.P2POp(dist.irecv, out, recv_from)]
+    works = dist.batch_isend_irecv(ops)
+    *sends, recv = works if len(works) > 1 else (works[0], works[0])
+    _pending_sends.extend(w for w in sends if w is not recv)
+    torch._C._distributed_c10d._register_work(out, recv)
+    return out
+
+
+@ring_send_recv.register_fake
+def _(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def finish_sends() -> None:
+    """Wait for sends issued by earlier ring steps (their buffers must stay valid until then)."""
+    while _pending_sends:
+        _pending_sends.pop().wait()

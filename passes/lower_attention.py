@@ -1,0 +1,75 @@
+"""lower_attention: give every `cpfx::sharded_attention` placeholder its strategy.
+
+Preconditions: `shard_tokens` ran; each placeholder carries `meta["cpfx_attn"]` (an `AttnSite`).
+Postconditions: no placeholder is left; each became `cpfx.attention.cp_attention` traced into
+the graph: Ulysses all-to-alls over the "ulysses" mesh dim, ring over the "ring" dim, both for
+a 2-D mesh (USP). Collectives are functional-collective start/wait pairs (and `cpfx::ring_send_recv`
+for p2p ring steps), tagged with `meta["cpfx_role"]` in {"q", "k", "v", "o", "kv"}.
+
+    before:  o = cpfx.sharded_attention(q, k, v, mask)                       # [B, H, S/N, D]
+    after:   q2 = wait(all_to_all(q.reshape/permute)) ... o2 = sdpa(q2, k2, v2, mask[pieces])
+             o = wait(all_to_all(o2 ...)).reshape/permute                    # [B, H, S/N, D]
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from cpfx.attention import AttnSpec, cp_attention
+from cpfx.context import PassContext
+from cpfx.debug import counters
+from cpfx.errors import UnsupportedPatternError
+from cpfx.graph_utils import splice
+
+log = logging.getLogger(__name__)
+PASS = "lower_attention"
+
+
+def strategy_name(ctx: PassContext) -> str:
+    if ctx.ulysses > 1 and ctx.ring > 1:
+        return f"usp_{ctx.config.ring_rotate}"
+    if ctx.ring > 1:
+        return f"ring_{ctx.config.ring_rotate}"
+    return "ulysses"
+
+
+def make_spec(site, ctx: PassContext) -> AttnSpec:
+    mode = ctx.config.head_padding
+    if mode == "auto":
+        mode = "pad"  # TODO(uneven heads): "uneven" when the sequence divides evenly
+    return AttnSpec(
+        layout=site.layout, batch=site.batch, heads=site.heads, kv_heads=site.kv_heads,
+        head_dim=site.head_dim, scale=site.scale, enable_gqa=site.enable_gqa,
+        device_type=ctx.device_type, cp_rank=ctx.cp_rank, ulysses=ctx.ulysses, ring=ctx.ring,
+        ulysses_index=ctx.ulysses_index, ring_index=ctx.ring_index,
+        ulysses_group=ctx.ulysses_group, ring_group=ctx.ring_group,
+        ring_rotate=ctx.config.ring_rotate, head_padding=mode, ring_ranks=ctx.ring_ranks,
+        dtype=site.dtype, mask_shape=site.mask_shape, mask_ndim=site.mask_ndim,
+        mask_is_bool=site.mask_is_bool,
+    )
+
+
+def lower_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    target = torch.ops.cpfx.sharded_attention.default
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+    name = strategy_name(ctx)
+    for n in sites:
+        site = n.meta["cpfx_attn"]
+        spec = make_spec(site, ctx)
+        if spec.head_padding == "uneven" and spec.heads % ctx.ulysses:
+            raise UnsupportedPatternError(
+                f"lower_attention: attention in {site.where} has {site.heads} heads, not divisible "
+                f"by ulysses={ctx.ulysses}, and uneven head groups are not implemented yet; set "
+                "ParallelConfig(head_padding='pad')"
+            )
+        q, k, v, mask = n.args
+        out = splice(gm.graph, n, cp_attention, [q, k, v, mask, spec], origin=n, pass_name=PASS)
+        out.meta["cpfx_strategy"] = name
+        n.replace_all_uses_with(out)
+        gm.graph.erase_node(n)
+        counters[PASS][name] += 1
+    gm.recompile()
+    return gm

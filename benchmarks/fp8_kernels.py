@@ -1,8 +1,9 @@
 """Benchmark the FP8 all-to-all payload kernels (cpfx.kernels.fp8) on CUDA.
 
 Times Triton quantize / dequantize against the torch reference for Ulysses-sized payloads
-(default B=1, H=24, S=4096 and 16384, D=128, bf16, groups=8) with CUDA events (warm-up,
-median of many runs, inputs rotated so they don't sit in L2), prints the achieved bandwidth
+(default B=1, H=24, S=4096 and 16384, D=128, bf16, groups=8) with CUDA events around CUDA
+graph replays (warm-up, median of many runs, inputs rotated so they don't sit in L2, no
+launch gaps), prints the achieved bandwidth
 (bytes read + written, once each) and its fraction of ``--peak-gbps`` and of a measured
 device-to-device copy, checks Triton == reference bytes on the GPU, and can write JSON.
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROTATE_BYTES = 512 * 2**20  # rotate inputs over at least this much memory (several L2s)
-SWEEP = [(rows, warps) for rows in (4, 8, 16, 32, 64) for warps in (4, 8)]
+SWEEP = [(rows, warps, hw) for rows in (16, 32, 64, 128) for warps in (4, 8) for hw in (False, True)]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Result:
     groups: int
     rows_per_program: int | None  # Triton only; None = the wrapper's default
     num_warps: int | None
+    hw_cast: bool | None  # hardware e4m3 cvt (True) or the integer path (False)
     ms: float  # median over the timed runs
     gbps: float  # (bytes read + bytes written) / time
     frac_peak: float  # gbps / --peak-gbps
@@ -65,18 +67,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def time_ms(fn: Callable[[Tensor], Tensor], inputs: list[Tensor], warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn(inputs[i % len(inputs)])`` with CUDA events."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
+    """Median milliseconds per call of ``fn`` over the rotated ``inputs``, with CUDA events.
+
+    The calls (one per input) are captured in a CUDA graph and replayed, so host overhead
+    and launch gaps stay out of the kernel time; plain launches if capture fails.
+    """
+    for x in inputs:  # compile, autotune-free warm-up, allocator warm-up
+        fn(x)
+    torch.cuda.synchronize()
+    run = lambda: [fn(x) for x in inputs]  # noqa: E731
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
+    except RuntimeError as err:  # pragma: no cover - depends on the CUDA / Triton build
+        log.warning("CUDA graph capture failed (%s); timing plain launches", err)
+    for _ in range(warmup):
+        run()
     torch.cuda.synchronize()
     new_event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
     events = [(new_event(), new_event()) for _ in range(iters)]
-    for i, (start, end) in enumerate(events):
+    for start, end in events:
         start.record()
-        fn(inputs[i % len(inputs)])
+        run()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return statistics.median(start.elapsed_time(end) for start, end in events) / len(inputs)
 
 
 def copy_gbps() -> float:
@@ -93,9 +110,9 @@ def payload_bytes(shape: tuple[int, int, int, int], elt: int) -> int:
     return B * H * S * (D * elt + D + fp8.SCALE_BYTES)
 
 
-def check_equal(x: Tensor, groups: int) -> None:
+def check_equal(x: Tensor, groups: int, hw_cast: bool) -> None:
     """Triton and the torch reference give identical bytes / values on this GPU."""
-    packed = fp8.quantize_triton(x, groups)
+    packed = fp8.quantize_triton(x, groups, hw_cast=hw_cast)
     expected = fp8.quantize_reference(x, groups)
     if not torch.equal(packed, expected):
         on_cpu = fp8.quantize_reference(x.cpu(), groups)
@@ -104,7 +121,7 @@ def check_equal(x: Tensor, groups: int) -> None:
             f"MISMATCH: quantize {tuple(x.shape)} {x.dtype}: Triton != reference; bytes differing "
             f"from the CPU reference: Triton {diffs[0]}, CUDA reference {diffs[1]}"
         )
-    out = fp8.dequantize_triton(packed, x.dtype)
+    out = fp8.dequantize_triton(packed, x.dtype, hw_cast=hw_cast)
     if not torch.equal(out, fp8.dequantize_reference(packed, x.dtype)):
         raise SystemExit(f"MISMATCH: dequantize {tuple(x.shape)} {x.dtype}: Triton != reference")
 
@@ -116,10 +133,13 @@ def bench_shape(shape: tuple[int, int, int, int], args: argparse.Namespace, copy
     nbytes = payload_bytes(shape, elt)
     n_copies = max(2, -(-ROTATE_BYTES // nbytes))
     xs = [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(n_copies)]
-    check_equal(xs[0], groups)
+    hw_modes = (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,)
+    for hw in hw_modes:
+        check_equal(xs[0], groups, hw)
     packs = [fp8.quantize_triton(x, groups) for x in xs]
 
-    configs: list[tuple[int | None, int | None]] = [(None, None)] + (SWEEP if args.sweep else [])
+    sweep = [c for c in SWEEP if c[2] in hw_modes] if args.sweep else []
+    configs: list[tuple[int | None, int | None, bool | None]] = [(None, None, None)] + sweep
     results = []
 
     def record(op: str, impl: str, cfg: tuple, fn: Callable, inputs: list[Tensor], iters: int) -> None:
@@ -129,27 +149,28 @@ def bench_shape(shape: tuple[int, int, int, int], args: argparse.Namespace, copy
         results.append(Result(op, impl, shape, args.dtype, groups, *cfg, ms, gbps, frac_peak, frac_copy))
 
     for cfg in configs:
-        kw = {k: v for k, v in zip(("rows_per_program", "num_warps"), cfg) if v is not None}
+        kw = {k: v for k, v in zip(("rows_per_program", "num_warps", "hw_cast"), cfg) if v is not None}
         quant = lambda x: fp8.quantize_triton(x, groups, **kw)  # noqa: E731
         dequant = lambda p: fp8.dequantize_triton(p, dtype, **kw)  # noqa: E731
         record("quantize", "triton", cfg, quant, xs, args.iters)
         record("dequantize", "triton", cfg, dequant, packs, args.iters)
     ref_iters = max(5, args.iters // 5)
-    none = (None, None)
+    none = (None, None, None)
     record("quantize", "reference", none, lambda x: fp8.quantize_reference(x, groups), xs, ref_iters)
     record("dequantize", "reference", none, lambda p: fp8.dequantize_reference(p, dtype), packs, ref_iters)
     return results
 
 
 def print_table(results: list[Result]) -> None:
-    head = ("op", "impl", "B,H,S,D", "rows", "warps", "ms", "GB/s", "%peak", "%copy")
-    print("{:<10} {:<9} {:<16} {:>4} {:>5} {:>8} {:>7} {:>6} {:>6}".format(*head))
+    head = ("op", "impl", "B,H,S,D", "rows", "warps", "hw", "ms", "GB/s", "%peak", "%copy")
+    print("{:<10} {:<9} {:<16} {:>4} {:>5} {:>5} {:>8} {:>7} {:>6} {:>6}".format(*head))
     for r in results:
         shape = ",".join(map(str, r.shape))
         rows = "-" if r.rows_per_program is None else r.rows_per_program
         warps = "-" if r.num_warps is None else r.num_warps
+        hw = "-" if r.hw_cast is None else str(r.hw_cast)
         print(
-            f"{r.op:<10} {r.impl:<9} {shape:<16} {rows:>4} {warps:>5} {r.ms:8.4f} {r.gbps:7.0f}"
+            f"{r.op:<10} {r.impl:<9} {shape:<16} {rows:>4} {warps:>5} {hw:>5} {r.ms:8.4f} {r.gbps:7.0f}"
             f" {100 * r.frac_peak:5.1f}% {100 * r.frac_copy:5.1f}%"
         )
 

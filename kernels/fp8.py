@@ -34,13 +34,19 @@ Exact numerics (the Triton kernels and the references agree bit for bit):
   (``0 * inf = NaN``). Nothing is clipped silently; finite rows are unaffected. A NaN
   element is always encoded as the byte ``0x7F`` (positive canonical e4m3fn NaN).
 
-The Triton kernels never use Triton's fp8 cast: the e4m3fn byte is built from the fp32 bits
-with integer arithmetic (clamp, round-to-nearest-even with carry into the exponent,
-subnormals), because Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests) casts
-fp32 -> e4m3 wrongly (ties away from zero, no carry into the exponent, no saturation).
-Likewise fp32 -> bf16 in the dequantize kernel is rounded in integer arithmetic (the
-interpreter truncates), and divisions use ``tl.math.div_rn`` (plain ``/`` on CUDA is an
-approximate division).
+Two code paths in each kernel, chosen by the constexpr ``HW_CAST``:
+
+- integer path (the interpreter, and GPUs older than sm_89): the e4m3fn byte is built from
+  the fp32 bits with integer arithmetic (clamp, round-to-nearest-even with carry into the
+  exponent, subnormals) and decoded likewise, because Triton's interpreter
+  (TRITON_INTERPRET=1, used by the CPU tests) casts fp32 -> e4m3 wrongly (ties away from
+  zero, no carry into the exponent, no saturation); fp32 -> bf16 is rounded in integers
+  too (the interpreter truncates).
+- hardware path (default on CUDA sm_89+): Triton's fp8 casts, i.e. the GPU's
+  ``cvt.rn.satfinite`` conversions, which round the same way; fewer instructions.
+
+Both use ``tl.math.div_rn`` (plain ``/`` on CUDA is an approximate division), and the torch
+reference divides by a tensor, never a Python scalar (CUDA turns that into a multiply).
 """
 
 from __future__ import annotations
@@ -83,7 +89,10 @@ SCALE_BYTES = 4
 """Bytes of the fp32 scale stored at the end of every packed row."""
 _NAN_BYTE = 0x7F
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ELEMENTS_PER_PROGRAM_CUDA = 4096
+# Elements per program on CUDA (best of a rows x warps sweep on an H200, B=1 H=24 S=16384
+# D=128 bf16: quantize 32 rows of 128, dequantize 64 rows of 128).
+_ELEMENTS_PER_PROGRAM_QUANTIZE = 4096
+_ELEMENTS_PER_PROGRAM_DEQUANTIZE = 8192
 _ELEMENTS_PER_PROGRAM_INTERPRETER = 65536  # the interpreter pays per program instance
 
 
@@ -202,8 +211,9 @@ def _e4m3_value(byte):
     exp = (byte >> 3) & 0xF
     mant = byte & 0x7
     normal = (sign | ((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
-    sub = mant.to(tl.float32) * 0.001953125  # mant * 2**-9
-    sub = tl.where(sign != 0, -sub, sub)
+    sub = mant.to(tl.float32) * 0.001953125  # |value| = mant * 2**-9
+    # The sign goes in as a bit: Triton lowers unary minus to `0 - x`, which loses -0.0.
+    sub = (sub.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     value = tl.where(exp == 0, sub, normal)
     nan = tl.full(value.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
     return tl.where((byte & 0x7F) == 0x7F, nan, value)
@@ -219,14 +229,18 @@ def _bf16_bits(value):
 
 @_jit
 def _packed_row_coords(rows, S, B, Hg):
-    """Packed row index ``((g*S + s)*B + b)*Hg + h`` -> ``(g, s, b, h)``."""
+    """int32 packed row ``((g*S + s)*B + b)*Hg + h`` -> int64 ``(g, s, b, h)``.
+
+    The divisions stay in int32 (64-bit division is slow on GPUs; the host checks that the
+    row count fits), the coordinates are widened for the address arithmetic.
+    """
     h = rows % Hg
     t = rows // Hg
     b = t % B
     t = t // B
     s = t % S
     g = t // S
-    return g, s, b, h
+    return g.to(tl.int64), s.to(tl.int64), b.to(tl.int64), h.to(tl.int64)
 
 
 @_jit
@@ -242,12 +256,14 @@ def _fp8_quantize_kernel(
     stride_h,  # x.stride(1)
     stride_s,  # x.stride(2)
     stride_d,  # x.stride(3)
+    HW_CAST: tl.constexpr,  # use the GPU's fp32 -> e4m3 cvt (sm_89+), not the integer rounding
     ROWS: tl.constexpr,  # packed rows per program (power of two)
     BLOCK: tl.constexpr,  # power of two >= D
 ):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32: n_rows < 2**31
     row_ok = rows < n_rows
     g, s, b, h = _packed_row_coords(rows, S, B, Hg)
+    rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = row_ok[:, None] & (cols < D)[None, :]
 
@@ -262,9 +278,14 @@ def _fp8_quantize_kernel(
     nan = tl.full(scale.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
     scale = tl.where(has_nan, nan, scale)
 
-    byte = _e4m3_byte(tl.math.div_rn(x, scale[:, None]))
+    v = tl.math.div_rn(x, scale[:, None])
+    if HW_CAST:  # cvt.rn.satfinite: the same RNE + saturation; NaN made canonical below
+        byte = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        byte = tl.where(v != v, 0x7F, byte).to(tl.uint8)
+    else:
+        byte = _e4m3_byte(v).to(tl.uint8)
     dst = rows * (D + 4)
-    tl.store(out_ptr + dst[:, None] + cols[None, :], byte.to(tl.uint8), mask=mask)
+    tl.store(out_ptr + dst[:, None] + cols[None, :], byte, mask=mask)
 
     nib = tl.arange(0, 4)  # the 4 little-endian bytes of the fp32 scale
     scale_bits = scale.to(tl.int32, bitcast=True)
@@ -275,35 +296,41 @@ def _fp8_quantize_kernel(
 @_jit
 def _fp8_dequantize_kernel(
     packed_ptr,  # input uint8 [G, S, B, Hg, D + 4], contiguous
-    out_ptr,  # output [B, G*Hg, S, D], contiguous; an int16 view of it when OUT_BF16
+    out_ptr,  # output [B, G*Hg, S, D], contiguous; an int16 view of it when BF16_BITS
     n_rows,  # G * S * B * Hg: number of packed rows
     S,  # tokens
     B,  # batch
     Hg,  # heads per group
     D,  # head_dim
     H,  # G * Hg: heads of the output
-    OUT_BF16: tl.constexpr,  # write bf16 bits (rounded here) into an int16 view
+    BF16_BITS: tl.constexpr,  # bf16 output rounded here in integers, stored via an int16 view
+    HW_CAST: tl.constexpr,  # use the GPU's e4m3 -> fp32 cvt (sm_89+), not the integer decode
     ROWS: tl.constexpr,  # packed rows per program (power of two)
     BLOCK: tl.constexpr,  # power of two >= D
 ):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32: n_rows < 2**31
     row_ok = rows < n_rows
     g, s, b, h = _packed_row_coords(rows, S, B, Hg)
+    rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = row_ok[:, None] & (cols < D)[None, :]
 
     src = rows * (D + 4)
-    byte = tl.load(packed_ptr + src[:, None] + cols[None, :], mask=mask, other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + src[:, None] + cols[None, :], mask=mask, other=0)
     s0 = tl.load(packed_ptr + src + D, mask=row_ok, other=0).to(tl.int32)
     s1 = tl.load(packed_ptr + src + D + 1, mask=row_ok, other=0).to(tl.int32)
     s2 = tl.load(packed_ptr + src + D + 2, mask=row_ok, other=0).to(tl.int32)
     s3 = tl.load(packed_ptr + src + D + 3, mask=row_ok, other=0).to(tl.int32)
     scale = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
 
-    value = _e4m3_value(byte) * scale[:, None]
+    if HW_CAST:
+        value = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        value = _e4m3_value(byte.to(tl.int32))
+    value = value * scale[:, None]
     dst = ((b * H + g * Hg + h) * S + s) * D
     ptrs = out_ptr + dst[:, None] + cols[None, :]
-    if OUT_BF16:
+    if BF16_BITS:
         tl.store(ptrs, _bf16_bits(value).to(tl.int16), mask=mask)
     else:
         tl.store(ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
@@ -322,51 +349,82 @@ def _require_triton() -> None:
 
 
 def _launch_shape(
-    n_rows: int, D: int, device: torch.device, rows_per_program: int | None
+    n_rows: int, D: int, device: torch.device, rows_per_program: int | None, cuda_budget: int
 ) -> tuple[int, int, int]:
     """``(BLOCK, ROWS, n_programs)`` for ``n_rows`` rows of ``D`` elements."""
+    if n_rows >= 2**31 - 2**20:
+        raise ValueError(f"cpfx fp8 kernels: {n_rows} rows exceed the int32 row index")
     block = triton.next_power_of_2(D)
     if rows_per_program is None:
         on_cuda = device.type == "cuda"
-        budget = _ELEMENTS_PER_PROGRAM_CUDA if on_cuda else _ELEMENTS_PER_PROGRAM_INTERPRETER
+        budget = cuda_budget if on_cuda else _ELEMENTS_PER_PROGRAM_INTERPRETER
         rows_per_program = min(max(1, budget // block), triton.next_power_of_2(max(n_rows, 1)))
     rows = triton.next_power_of_2(rows_per_program)
     return block, rows, triton.cdiv(n_rows, rows)
 
 
+def _hw_cast_default(device: torch.device, hw_cast: bool | None) -> bool:
+    """Use the hardware e4m3 conversions on CUDA sm_89+ (never under the interpreter)."""
+    if hw_cast is not None:
+        return hw_cast
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def quantize_triton(
-    x: Tensor, groups: int, *, rows_per_program: int | None = None, num_warps: int = 4
+    x: Tensor,
+    groups: int,
+    *,
+    rows_per_program: int | None = None,
+    num_warps: int = 4,
+    hw_cast: bool | None = None,
 ) -> Tensor:
-    """Triton ``fp8_quantize`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    """Triton ``fp8_quantize`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+
+    ``hw_cast``: round with the GPU's cvt instruction (default on sm_89+) or with the
+    integer code path (the only one the interpreter runs right); both give the same bytes.
+    """
     _require_triton()
     B, H, S, D = _check_quantize_args(x, groups)
     Hg = H // groups
     out = torch.empty((groups, S, B, Hg, D + SCALE_BYTES), dtype=torch.uint8, device=x.device)
     n_rows = groups * S * B * Hg
-    block, rows, n_programs = _launch_shape(n_rows, D, x.device, rows_per_program)
+    budget = _ELEMENTS_PER_PROGRAM_QUANTIZE
+    block, rows, n_programs = _launch_shape(n_rows, D, x.device, rows_per_program, budget)
     if n_programs:
         _fp8_quantize_kernel[(n_programs,)](
-            x, out, n_rows, S, B, Hg, D, *x.stride(), ROWS=rows, BLOCK=block, num_warps=num_warps
-        )
+            x, out, n_rows, S, B, Hg, D, *x.stride(),
+            HW_CAST=_hw_cast_default(x.device, hw_cast), ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
     return out
 
 
 def dequantize_triton(
-    packed: Tensor, dtype: torch.dtype, *, rows_per_program: int | None = None, num_warps: int = 4
+    packed: Tensor,
+    dtype: torch.dtype,
+    *,
+    rows_per_program: int | None = None,
+    num_warps: int = 4,
+    hw_cast: bool | None = None,
 ) -> Tensor:
-    """Triton ``fp8_dequantize`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    """Triton ``fp8_dequantize`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+
+    ``hw_cast`` as in :func:`quantize_triton`; without it, bf16 output is also rounded in
+    integer arithmetic (the interpreter's fp32 -> bf16 cast truncates).
+    """
     _require_triton()
     G, S, B, Hg, D = _check_dequantize_args(packed, dtype)
     packed = packed.contiguous()
     out = torch.empty((B, G * Hg, S, D), dtype=dtype, device=packed.device)
-    out_bf16 = dtype == torch.bfloat16
-    target = out.view(torch.int16) if out_bf16 else out
+    hw = _hw_cast_default(packed.device, hw_cast)
+    bf16_bits = dtype == torch.bfloat16 and not hw
+    target = out.view(torch.int16) if bf16_bits else out
     n_rows = G * S * B * Hg
-    block, rows, n_programs = _launch_shape(n_rows, D, packed.device, rows_per_program)
+    budget = _ELEMENTS_PER_PROGRAM_DEQUANTIZE
+    block, rows, n_programs = _launch_shape(n_rows, D, packed.device, rows_per_program, budget)
     if n_programs:
         _fp8_dequantize_kernel[(n_programs,)](
             packed, target, n_rows, S, B, Hg, D, G * Hg,
-            OUT_BF16=out_bf16, ROWS=rows, BLOCK=block, num_warps=num_warps,
+            BF16_BITS=bf16_bits, HW_CAST=hw, ROWS=rows, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return out
 

@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 PASS = "check_collectives"
 
 
-def collective_sequence(gm: fx.GraphModule) -> list[str]:
+def collective_sequence(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+    """(kind[mesh dim](role)) per collective; group names differ between sub-groups, dims don't."""
+    dims = {ctx.ulysses_group: "ulysses", ctx.ring_group: "ring", ctx.cp_group: "cp"}
     out = []
     for n in collective_nodes(gm):
         name = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
-        group = next((a for a in n.args if isinstance(a, str)), "")
-        out.append(f"{name}[{group}]({n.meta.get('cpfx_role', '')})")
+        group = next((a for a in n.args if isinstance(a, str)), "ring")
+        out.append(f"{name}[{dims.get(group, group)}]({n.meta.get('cpfx_role', '')})")
     return out
 
 
@@ -53,7 +55,7 @@ def compare(seqs: list[list[str]]) -> str | None:
 
 
 def check_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    seq = collective_sequence(gm)
+    seq = collective_sequence(gm, ctx)
     gm.meta["cpfx_collectives"] = seq
     counters[PASS]["collectives"] += len(seq)
     if ctx.check_group is None or ctx.world == 1:

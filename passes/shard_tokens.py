@@ -109,16 +109,18 @@ def _producers(n: fx.Node, d: int) -> list[tuple[fx.Node, int]]:
         for x in rules.data_args(tup):
             for dx in _big_dims(x):
                 r = rules.out_dim(tup, x, dx)
-                if isinstance(r, list) and r[i] == d:
+                if isinstance(r, list) and r[i] == d and rules.shape_of(x)[dx] == rules.shape_of(n)[d]:
                     out.append((x, dx))
         return out
     if op_name(n) in ("cat", "concat", "concatenate"):
         cat_dim = rules.norm_dim(rules.arg(n, 1, "dim", 0), len(val(n).shape))
         if cat_dim == d:
             return [(x, d) for x in n.args[0] if rules.shape_of(x) is not None]
+    size = rules.shape_of(n)[d]
     for x in rules.data_args(n):
         for dx in _big_dims(x):
-            if rules.out_dim(n, x, dx) == d:
+            # The token dim must keep its length: a slice or expand starts a new token tensor.
+            if rules.shape_of(x)[dx] == size and rules.out_dim(n, x, dx) == d:
                 out.append((x, dx))
                 break
     return out
@@ -266,7 +268,7 @@ class _Sharder:
         outs = set()
         for x, sh in sharded.items():
             if x not in data:
-                raise _Gather
+                continue  # read for its dtype/shape only (type_as): stays as it is
             od = rules.out_dim(n, x, sh.dim)
             if od is None:
                 raise _Gather

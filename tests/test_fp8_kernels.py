@@ -341,25 +341,33 @@ def test_triton_interpreter_small_programs(interpreted) -> None:  # noqa: ANN001
 # ---------------------------------------------------------------------------------------
 
 
+def _needs_sm89(hw_cast: bool) -> bool:
+    return hw_cast and torch.cuda.get_device_capability() < (8, 9)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_cuda_matches_reference() -> None:
+@pytest.mark.parametrize("hw_cast", [False, True], ids=["int_path", "hw_cast"])
+def test_triton_cuda_matches_reference(hw_cast: bool) -> None:
+    if _needs_sm89(hw_cast):
+        pytest.skip("hardware e4m3 conversions need sm_89+")
     shapes = CASES + [(1, 24, 1024, 128, 8, torch.bfloat16), (2, 8, 333, 72, 4, torch.float16)]
     inputs = [(random_input(c[:4], c[5], seed=i), c[4]) for i, c in enumerate(shapes)]
     inputs.append((special_input(), 2))
     for x, groups in inputs:
-        packed = fp8.quantize_triton(x.cuda(), groups)
+        packed = fp8.quantize_triton(x.cuda(), groups, hw_cast=hw_cast)
         expected = fp8.quantize_reference(x, groups)
         assert torch.equal(packed.cpu(), expected), f"quantize {x.dtype} {tuple(x.shape)}"
         assert torch.equal(torch.ops.cpfx.fp8_quantize(x.cuda(), groups).cpu(), expected)
         assert torch.equal(fp8.quantize_reference(x.cuda(), groups).cpu(), expected)
         for dtype in DTYPES:
-            got = fp8.dequantize_triton(packed, dtype).cpu()
+            got = fp8.dequantize_triton(packed, dtype, hw_cast=hw_cast).cpu()
             assert_same_values(got, fp8.dequantize_reference(expected, dtype))
     for dtype in DTYPES:
         packed = all_bytes_packed()
-        got = fp8.dequantize_triton(packed.cuda(), dtype).cpu()
+        got = fp8.dequantize_triton(packed.cuda(), dtype, hw_cast=hw_cast).cpu()
         assert_same_values(got, fp8.dequantize_reference(packed, dtype))
+        assert_same_values(torch.ops.cpfx.fp8_dequantize(packed.cuda(), dtype).cpu(), got)
 
 
 @pytest.mark.gpu

@@ -66,21 +66,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_ms(fn: Callable[[Tensor], Tensor], inputs: list[Tensor], warmup: int, iters: int) -> float:
+def time_ms(
+    fn: Callable[[Tensor], Tensor], inputs: list[Tensor], warmup: int, iters: int, graph: bool = True
+) -> float:
     """Median milliseconds per call of ``fn`` over the rotated ``inputs``, with CUDA events.
 
-    The calls (one per input) are captured in a CUDA graph and replayed, so host overhead
-    and launch gaps stay out of the kernel time; plain launches if capture fails.
+    With ``graph``, the calls (one per input) are captured in a CUDA graph and replayed, so
+    host overhead and launch gaps stay out of the kernel time; plain launches otherwise or
+    if capture fails.
     """
-    for x in inputs:  # compile, autotune-free warm-up, allocator warm-up
+    for x in inputs:  # compile, allocator warm-up
         fn(x)
     torch.cuda.synchronize()
     run = lambda: [fn(x) for x in inputs]  # noqa: E731
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        run = graph.replay
+        if graph:
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                run()
+            run = cuda_graph.replay
     except RuntimeError as err:  # pragma: no cover - depends on the CUDA / Triton build
         log.warning("CUDA graph capture failed (%s); timing plain launches", err)
     for _ in range(warmup):
@@ -100,7 +104,7 @@ def copy_gbps() -> float:
     """Measured device-to-device copy bandwidth (bytes read + written), the practical ceiling."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda s: dst.copy_(s), [src], warmup=3, iters=10)
+    ms = time_ms(lambda s: dst.copy_(s), [src], warmup=10, iters=20, graph=False)
     return 2 * src.numel() / ms / 1e6
 
 

@@ -25,7 +25,6 @@ from cpfx.mesh import MeshInfo, mesh_info
 from cpfx.pipeline import build_pipeline, run_passes
 
 log = logging.getLogger(__name__)
-_graph_ids = itertools.count()
 
 
 def backend(mesh: Any = None, config: ParallelConfig | None = None) -> Callable[..., Any]:
@@ -36,9 +35,10 @@ def backend(mesh: Any = None, config: ParallelConfig | None = None) -> Callable[
 
         config = dataclasses.replace(config, dump_dir=env_dump_dir())
     info = mesh_info(mesh, config)
+    graph_ids = itertools.count()
 
     def cpfx_compile(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        return compile_graph(gm, example_inputs, info, config)
+        return compile_graph(gm, example_inputs, info, config, next(graph_ids))
 
     cpfx_compile.mesh_info = info  # type: ignore[attr-defined]
     return cpfx_compile
@@ -56,7 +56,11 @@ _default: Callable[..., Any] | None = None
 
 
 def compile_graph(
-    gm: fx.GraphModule, example_inputs: list[Any], info: MeshInfo, config: ParallelConfig
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    info: MeshInfo,
+    config: ParallelConfig,
+    graph_id: int = 0,
 ) -> Callable[..., Any]:
     if info.world == 1:
         return gm.forward
@@ -66,7 +70,7 @@ def compile_graph(
         config=config, world=info.world, cp_rank=info.cp_rank, cp_group=info.cp_group,
         ulysses=info.ulysses, ring=info.ring, ulysses_index=info.ulysses_index,
         ring_index=info.ring_index, ulysses_group=info.ulysses_group, ring_group=info.ring_group,
-        ring_ranks=info.ring_ranks, device_type=info.device_type, graph_id=next(_graph_ids),
+        ring_ranks=info.ring_ranks, device_type=info.device_type, graph_id=graph_id,
         fake_inputs=fake, fake_mode=mode, check_group=info.check_group,
     )
     gm = run_passes(gm, ctx, build_pipeline(config), rank=info.cp_rank)

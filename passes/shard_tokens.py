@@ -206,7 +206,10 @@ class _Sharder:
         size = rules.shape_of(n)[dim]
         layout = Layout.simple(size, self.ctx.world)
         users = list(n.users)
-        s = splice(self.g, n, comm.take_pieces, [n, dim, layout.pieces(self.ctx.cp_rank)],
+        anchor = n
+        if n.op == "placeholder":  # keep the placeholders together at the top
+            anchor = [p for p in self.g.nodes if p.op == "placeholder"][-1]
+        s = splice(self.g, anchor, comm.take_pieces, [n, dim, layout.pieces(self.ctx.cp_rank)],
                    after=True, origin=n, pass_name=PASS)
         s.meta["val"] = val(n)
         self.state[s] = Shard(dim, layout)

@@ -1,0 +1,61 @@
+"""Capture cpfx-rewritten graphs in one process, under torch's fake process group."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int = 0):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rewrite(
+    model: str,
+    world: int = 4,
+    rank: int = 0,
+    mesh_shape: tuple[int, ...] | None = None,
+    mesh_names: tuple[str, ...] = ("ulysses",),
+    model_kwargs: dict[str, Any] | None = None,
+    **config: Any,
+) -> list[fx.GraphModule]:
+    """The final per-rank graphs cpfx produces for a tiny model (not executed numerically)."""
+    import cpfx
+    from tests.models import build
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch._dynamo.reset()
+    cpfx.reset_counters()
+    m, kw = build(model, **(model_kwargs or {}))
+    graphs: list[fx.GraphModule] = []
+    with fake_world(world, rank):
+        mesh = init_device_mesh("cpu", mesh_shape or (world,), mesh_dim_names=mesh_names)
+        config.setdefault("check_collectives", False)
+        be = cpfx.backend(mesh, cpfx.ParallelConfig(**config))
+
+        def keep(gm, example_inputs):
+            be(gm, example_inputs)
+            graphs.append(gm)
+            return gm.forward
+
+        # Compile only: the fake group returns garbage, so the forward's value is not looked at.
+        with torch.no_grad():
+            torch.compile(m, backend=keep, dynamic=False)(**kw)
+    return graphs
+
+
+def roles(gm: fx.GraphModule, kind: str = "all_to_all") -> list[str]:
+    return [n.meta.get("cpfx_role") for n in gm.graph.nodes if n.meta.get("cpfx_collective") == kind]

@@ -1,0 +1,120 @@
+"""Graph-structure tests in one process (fake process group): what cpfx inserts, and where."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+
+import cpfx
+from cpfx.graph_utils import sdpa_args
+from tests.graphs import rewrite, roles
+
+
+def order(gm):
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def test_flux_ulysses_one_all_to_all_per_q_k_v_o():
+    (gm,) = rewrite("flux", world=4)
+    c = collections.Counter(roles(gm))
+    n_attn = cpfx.counters["lower_attention"]["ulysses"]
+    assert n_attn == 2  # one double-stream block, one single-stream block
+    assert c == {"q": n_attn, "k": n_attn, "v": n_attn, "o": n_attn}
+    gm.graph.lint()
+    assert not [n for n in gm.graph.nodes if "sharded_attention" in str(n.target)]
+
+
+def test_wan_cross_attention_has_no_collectives():
+    (gm,) = rewrite("wan", world=4, model_kwargs={"txt": 5})
+    assert cpfx.counters["shard_tokens"]["attention_local"] == 2  # attn2 of both blocks
+    assert collections.Counter(roles(gm)) == {"q": 2, "k": 2, "v": 2, "o": 2}
+    sdpa = [n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+    # Cross-attention stays one local SDPA per block: queries are this rank's 32/4 tokens,
+    # keys the 5 replicated text tokens.
+    cross = [sdpa_args(n) for n in sdpa if "cpfx_pass" not in n.meta]
+    assert len(cross) == 2
+    for a in cross:
+        assert a["key"].meta["val"].shape[2] == 5
+        assert a["query"].meta["val"].shape[2] == 8
+
+
+def test_qwen_mask_stays_replicated_and_is_indexed():
+    (gm,) = rewrite("qwen", world=2)
+    assert cpfx.counters["shard_tokens"]["attention_sharded"] == 2
+    assert cpfx.counters["shard_tokens"]["gather"] == 1  # only the output
+
+
+def test_uneven_local_shapes_differ_per_rank():
+    shapes = []
+    for rank in range(3):
+        (gm,) = rewrite("flux", world=3, rank=rank, model_kwargs={"img": 64, "txt": 7})
+        ph = [n for n in gm.graph.nodes if n.meta.get("cpfx_role") == "q"][0]
+        shapes.append(tuple(ph.args[0].meta["val"].shape))
+    # 64 image tokens -> 22, 21, 21; 7 text tokens -> 3, 2, 2; heads padded 2 -> 3 before the all-to-all
+    assert [s[0] for s in shapes] == [3 * 25, 3 * 23, 3 * 23]
+
+
+def test_backend_found_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert "cpfx" in torch._dynamo.list_backends(exclude_tags=())
+    assert lookup_backend("cpfx").__name__ == "cpfx_backend"
+
+
+def test_dumps_written(tmp_path: Path):
+    rewrite("flux", world=2, dump_dir=str(tmp_path))
+    files = sorted(p.name for p in (tmp_path / "rank0" / "graph0").iterdir())
+    assert files[0] == "00_captured.py"
+    assert "01_shard_tokens.py" in files and "02_lower_attention.py" in files
+    text = (tmp_path / "rank0" / "graph0" / "02_lower_attention.py").read_text()
+    assert text.startswith("# pass 2: lower_attention") and "collectives 1 -> 9" in text.splitlines()[0]
+    assert "all_to_all_single" in text
+
+
+def _upstream_linear(node):
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if a.target is torch._C._nn.linear:
+                return a
+            stack.append(a)
+    raise AssertionError(f"no linear upstream of {node}")
+
+
+@pytest.mark.parametrize("model", ["flux", "qwen", "wan"])
+def test_async_qkv_order(model):
+    (gm,) = rewrite(model, world=2)
+    pos = order(gm)
+    starts = {r: [n for n in gm.graph.nodes if n.meta.get("cpfx_collective") == "all_to_all"
+                  and n.meta.get("cpfx_role") == r] for r in "qkvo"}
+    waits = {r: [n for n in gm.graph.nodes if n.meta.get("cpfx_wait") == r] for r in "qkvo"}
+    assert starts["q"]
+    for q, k, v, qw in zip(starts["q"], starts["k"], starts["v"], waits["q"]):
+        k_proj, v_proj = _upstream_linear(k), _upstream_linear(v)
+        assert pos[q] < pos[k_proj], "Q's all-to-all must start before the K projection"
+        assert pos[qw] > pos[v_proj], "Q's all-to-all must be waited after the V projection"
+    assert cpfx.counters["overlap"]["hoisted"] >= 3
+
+
+def test_ring_p2p_transfer_overlaps_block_attention():
+    (gm,) = rewrite("flux", world=4, mesh_names=("ring",), ring_rotate="p2p")
+    pos = order(gm)
+    attn = [n for n in gm.graph.nodes if "flash_attention_for_cpu" in str(n.target)]
+    sends = [n for n in gm.graph.nodes if "ring_send_recv" in str(n.target)]
+    assert len(attn) == 2 * 4 and len(sends) == 2 * 3
+    for i, s in enumerate(sends):
+        step_attn = attn[(i // 3) * 4 + i % 3]  # attention of the block resident when s is issued
+        (w,) = [u for u in s.users]
+        assert pos[s] < pos[step_attn] < pos[w]
+
+
+def test_async_off_keeps_order():
+    (gm,) = rewrite("flux", world=2, async_qkv=False)
+    assert "overlap" not in cpfx.counters

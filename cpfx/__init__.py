@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cpfx import ops as _ops  # noqa: F401  (registers torch.ops.cpfx.*)
 from cpfx import p2p as _p2p  # noqa: F401
-from cpfx.api import parallelize
+from cpfx.api import parallelize, sent_bytes_per_call
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.debug import counters, reset_counters
@@ -19,4 +19,5 @@ from cpfx.errors import (
 __all__ = [
     "ConfigError", "CpfxError", "ParallelConfig", "PassError", "RankDivergenceError",
     "UnsupportedPatternError", "backend", "counters", "parallelize", "reset_counters",
+    "sent_bytes_per_call",
 ]

@@ -32,5 +32,11 @@ def parallelize(
     be = backend(mesh, config)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, config.max_recompiles)
     model.compile(backend=be, dynamic=False)
-    model._cpfx = {"mesh_info": be.mesh_info, "config": config}  # type: ignore[attr-defined]
+    model._cpfx = {"mesh_info": be.mesh_info, "config": config, "graphs": be.graphs}  # type: ignore[attr-defined]
     return model
+
+
+def sent_bytes_per_call(model: nn.Module) -> int:
+    """Bytes this rank sends in one forward of a parallelized model (latest graph of each kind)."""
+    graphs = model._cpfx["graphs"]  # type: ignore[union-attr]
+    return sum(b for gm in graphs for _, _, b in gm.meta.get("cpfx_sent_bytes", ()))

@@ -37,10 +37,15 @@ def backend(mesh: Any = None, config: ParallelConfig | None = None) -> Callable[
     info = mesh_info(mesh, config)
     graph_ids = itertools.count()
 
+    graphs: list[fx.GraphModule] = []
+
     def cpfx_compile(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        return compile_graph(gm, example_inputs, info, config, next(graph_ids))
+        fn = compile_graph(gm, example_inputs, info, config, next(graph_ids))
+        graphs.append(gm)
+        return fn
 
     cpfx_compile.mesh_info = info  # type: ignore[attr-defined]
+    cpfx_compile.graphs = graphs  # type: ignore[attr-defined]  (rewritten graphs, for inspection)
     return cpfx_compile
 
 

@@ -35,6 +35,36 @@ def collective_sequence(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     return out
 
 
+def _group_size(n: fx.Node, ctx: PassContext) -> int:
+    if "ring_send_recv" in str(n.target):
+        return 2
+    group = next((a for a in n.args if isinstance(a, str)), "")
+    return {ctx.ulysses_group: ctx.ulysses, ctx.ring_group: ctx.ring}.get(group, ctx.world)
+
+
+def sent_bytes(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[str, str, int]]:
+    """(kind, role, bytes this rank sends) per collective, from the local shapes in the graph.
+
+    all_to_all: everything but the part kept locally; all_gather: the local block to each peer;
+    ring send/recv: the whole block."""
+    out = []
+    for n in collective_nodes(gm):
+        x = n.args[0].meta.get("val")
+        nbytes = x.numel() * x.element_size()
+        kind = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
+        g = _group_size(n, ctx)
+        if "all_to_all" in kind:
+            in_splits = n.args[2]
+            rows = x.shape[0]
+            idx = ctx.ulysses_index if g == ctx.ulysses else ctx.cp_rank
+            kept = in_splits[idx] if in_splits else rows // g
+            nbytes = nbytes * (rows - kept) // max(rows, 1)
+        elif "all_gather" in kind:
+            nbytes = nbytes * (g - 1)
+        out.append((kind, n.meta.get("cpfx_role", ""), int(nbytes)))
+    return out
+
+
 def fingerprint(seq: list[str]) -> str:
     return hashlib.sha256("\n".join(seq).encode()).hexdigest()[:16]
 
@@ -57,6 +87,7 @@ def compare(seqs: list[list[str]]) -> str | None:
 def check_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     seq = collective_sequence(gm, ctx)
     gm.meta["cpfx_collectives"] = seq
+    gm.meta["cpfx_sent_bytes"] = sent_bytes(gm, ctx)
     counters[PASS]["collectives"] += len(seq)
     if ctx.check_group is None or ctx.world == 1:
         return gm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cpfx import ops as _ops  # noqa: F401  (registers torch.ops.cpfx.*)
 from cpfx import p2p as _p2p  # noqa: F401
+from cpfx.kernels import fp8 as _fp8  # noqa: F401
 from cpfx.api import parallelize, sent_bytes_per_call
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -10,7 +11,8 @@ import torch.nn as nn
 
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
-from cpfx.errors import ConfigError
+from cpfx.errors import ConfigError, CpfxError
+from torch._dynamo.exc import BackendCompilerFailed
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,25 @@ def parallelize(
     be = backend(mesh, config)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, config.max_recompiles)
     model.compile(backend=be, dynamic=False)
+    model._compiled_call_impl = unwrap_errors(model._compiled_call_impl)
     model._cpfx = {"mesh_info": be.mesh_info, "config": config, "graphs": be.graphs}  # type: ignore[attr-defined]
     return model
+
+
+def unwrap_errors(fn: Any) -> Any:
+    """Re-raise cpfx's own errors as themselves, not wrapped in Dynamo's BackendCompilerFailed."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, CpfxError):
+                raise inner.with_traceback(None) from None
+            raise
+
+    return call
 
 
 def sent_bytes_per_call(model: nn.Module) -> int:

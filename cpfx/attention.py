@@ -96,6 +96,21 @@ def seq_to_heads(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torc
     return y.permute(1, 2, 0, 3)  # -> [B, Hp/U, S_blk, D]
 
 
+def seq_to_heads_fp8(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torch.Tensor:
+    """`seq_to_heads` with an FP8 payload: e4m3 bytes + inline fp32 scale per (token, head)."""
+    U, B, D = spec.ulysses, spec.batch, spec.head_dim
+    s_loc = spec.layout.local_size(spec.cp_rank)
+    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    hp = -(-heads // U) * U
+    if hp != heads:
+        x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))
+    packed = torch.ops.cpfx.fp8_quantize(x, U)  # [B, Hp, S_loc, D] -> u8 [U, S_loc, B, Hp/U, D+4]
+    packed = packed.reshape(U * s_loc, B, hp // U, D + 4)
+    y = comm.all_to_all(packed, sizes, [s_loc] * U, spec.ulysses_group, role)  # u8 [S_blk, B, Hp/U, D+4]
+    y = y.reshape(1, sum(sizes), B, hp // U, D + 4)
+    return torch.ops.cpfx.fp8_dequantize(y, spec.dtype)  # -> [B, Hp/U, S_blk, D]
+
+
 def heads_to_seq(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     """[B, Hp/U, S_blk, D] -> [B, H, S_loc, D]: the inverse all-to-all, padded heads dropped."""
     U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
@@ -107,6 +122,19 @@ def heads_to_seq(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     x = x.reshape(U, s_loc, B, hp // U, D).permute(2, 0, 3, 1, 4)  # -> [B, U, Hp/U, S_loc, D]
     x = x.reshape(B, hp, s_loc, D)
     return x[:, :H] if hp != H else x
+
+
+def heads_to_seq_fp8(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
+    """`heads_to_seq` with an FP8 payload."""
+    U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
+    s_loc = spec.layout.local_size(spec.cp_rank)
+    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    hp = spec.padded_heads
+    packed = torch.ops.cpfx.fp8_quantize(y, 1)  # [B, Hp/U, S_blk, D] -> u8 [1, S_blk, B, Hp/U, D+4]
+    packed = packed.reshape(sum(sizes), B, hp // U, D + 4)
+    x = comm.all_to_all(packed, [s_loc] * U, sizes, spec.ulysses_group, "o")  # u8 [U*S_loc, ...]
+    x = torch.ops.cpfx.fp8_dequantize(x.reshape(U, s_loc, B, hp // U, D + 4), spec.dtype)
+    return x[:, :H] if hp != H else x  # [B, Hp, S_loc, D] -> [B, H, S_loc, D]
 
 
 # --- masks -----------------------------------------------------------------------------------
@@ -254,9 +282,9 @@ def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
         v = v.repeat_interleave(rep, 1)
         gqa, kv_heads = False, spec.heads
     if spec.ulysses > 1:
-        q = seq_to_heads(q, spec, spec.heads, "q")
-        k = seq_to_heads(k, spec, kv_heads, "k")
-        v = seq_to_heads(v, spec, kv_heads, "v")
+        q = _a2a_in(q, spec, spec.heads, "q")
+        k = _a2a_in(k, spec, kv_heads, "k")
+        v = _a2a_in(v, spec, kv_heads, "v")
     if spec.ring > 1:
         out = ring_attention(q, k, v, mask, spec, spec.padded_heads // spec.ulysses)
     else:
@@ -266,5 +294,10 @@ def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
             q, k, v, attn_mask=m, scale=spec.scale, enable_gqa=gqa
         )
     if spec.ulysses > 1:
-        out = heads_to_seq(out, spec)
+        out = tag(heads_to_seq(out, spec), cpfx_a2a=("o", out, spec, spec.heads))
     return out
+
+
+def _a2a_in(x, spec: AttnSpec, heads: int, role: str):
+    """seq_to_heads, with its endpoints recorded so `fp8_comm` can swap the implementation."""
+    return tag(seq_to_heads(x, spec, heads, role), cpfx_a2a=(role, x, spec, heads))

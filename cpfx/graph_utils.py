@@ -105,9 +105,9 @@ def _unproxy(x: Any) -> Any:
 
 
 def tag(x: Any, **meta: Any) -> Any:
-    """Attach `meta` to the node behind a proxy (no-op on real tensors)."""
+    """Attach `meta` to the node behind a proxy (no-op on real tensors); proxies become nodes."""
     if isinstance(x, Proxy):
-        x.node.meta.update(meta)
+        x.node.meta.update({k: _unproxy(v) for k, v in meta.items()})
     return x
 
 

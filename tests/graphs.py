@@ -30,6 +30,7 @@ def rewrite(
     mesh_shape: tuple[int, ...] | None = None,
     mesh_names: tuple[str, ...] = ("ulysses",),
     model_kwargs: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
     **config: Any,
 ) -> list[fx.GraphModule]:
     """The final per-rank graphs cpfx produces for a tiny model (not executed numerically)."""
@@ -40,6 +41,8 @@ def rewrite(
     torch._dynamo.reset()
     cpfx.reset_counters()
     m, kw = build(model, **(model_kwargs or {}))
+    m = m.to(dtype)
+    kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
     graphs: list[fx.GraphModule] = []
     with fake_world(world, rank):
         mesh = init_device_mesh("cpu", mesh_shape or (world,), mesh_dim_names=mesh_names)
@@ -52,10 +55,23 @@ def rewrite(
             return gm.forward
 
         # Compile only: the fake group returns garbage, so the forward's value is not looked at.
+        from cpfx.api import unwrap_errors
+
         with torch.no_grad():
-            torch.compile(m, backend=keep, dynamic=False)(**kw)
+            unwrap_errors(torch.compile(m, backend=keep, dynamic=False))(**kw)
     return graphs
 
 
 def roles(gm: fx.GraphModule, kind: str = "all_to_all") -> list[str]:
     return [n.meta.get("cpfx_role") for n in gm.graph.nodes if n.meta.get("cpfx_collective") == kind]
+
+
+def payload_bytes(gm: fx.GraphModule, kind: str = "all_to_all") -> dict[str, int]:
+    """Bytes handed to each collective of `kind`, summed per role."""
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.meta.get("cpfx_collective") == kind:
+            x = n.args[0].meta["val"]
+            role = n.meta.get("cpfx_role", "")
+            out[role] = out.get(role, 0) + x.numel() * x.element_size()
+    return out

@@ -70,6 +70,22 @@ class AttnSpec:
     def block_len(self, ring_index: int) -> int:
         return sum(n for _, n in self.block_pieces(ring_index))
 
+    def head_sizes(self, heads: int) -> list[int]:
+        """Heads per Ulysses rank: uneven groups (padding-free) or padded equal groups."""
+        if self.head_padding == "uneven":
+            base, rem = divmod(heads, self.ulysses)
+            return [base + (j < rem) for j in range(self.ulysses)]
+        return [-(-heads // self.ulysses)] * self.ulysses
+
+    def head_range(self, heads: int) -> tuple[int, int]:
+        sizes = self.head_sizes(heads)
+        return sum(sizes[: self.ulysses_index]), sizes[self.ulysses_index]
+
+    @property
+    def local_heads(self) -> int:
+        """Query heads this rank attends over after the Ulysses all-to-all."""
+        return self.head_sizes(self.heads)[self.ulysses_index]
+
     @property
     def padded_heads(self) -> int:
         return -(-self.heads // self.ulysses) * self.ulysses
@@ -137,6 +153,50 @@ def heads_to_seq_fp8(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     return x[:, :H] if hp != H else x  # [B, Hp, S_loc, D] -> [B, H, S_loc, D]
 
 
+def seq_to_heads_uneven(x, spec: AttnSpec, heads: int, role: str, fp8: bool = False):
+    """Padding-free all-to-all for uneven head groups: one flat buffer with per-rank byte counts.
+
+    [B, H, S_loc, D] -> [B, h_me, S_blk, D]; with `fp8`, rows travel as e4m3 + inline scale."""
+    U, B, D = spec.ulysses, spec.batch, spec.head_dim
+    s_loc = spec.layout.local_size(spec.cp_rank)
+    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    hs = spec.head_sizes(heads)
+    me = hs[spec.ulysses_index]
+    if fp8:
+        rows, w = torch.ops.cpfx.fp8_quantize(x, 1).reshape(s_loc, B, heads, D + 4), D + 4
+    else:
+        rows, w = x.permute(2, 0, 1, 3), D  # [B, H, S_loc, D] -> [S_loc, B, H, D]
+    offs = [sum(hs[:j]) for j in range(U)]
+    buf = torch.cat([rows.narrow(2, offs[j], hs[j]).reshape(-1) for j in range(U)])
+    y = comm.all_to_all(buf, [n * B * me * w for n in sizes], [s_loc * B * h * w for h in hs],
+                        spec.ulysses_group, role)  # flat: peer j's [S_j, B, h_me, w] in order
+    y = y.reshape(sum(sizes), B, me, w)
+    if fp8:
+        return torch.ops.cpfx.fp8_dequantize(y.reshape(1, sum(sizes), B, me, w), spec.dtype)
+    return y.permute(1, 2, 0, 3)  # -> [B, h_me, S_blk, D]
+
+
+def heads_to_seq_uneven(y, spec: AttnSpec, fp8: bool = False):
+    """Inverse of `seq_to_heads_uneven`: [B, h_me, S_blk, D] -> [B, H, S_loc, D]."""
+    U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
+    s_loc = spec.layout.local_size(spec.cp_rank)
+    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    hs = spec.head_sizes(H)
+    me = hs[spec.ulysses_index]
+    if fp8:
+        rows, w = torch.ops.cpfx.fp8_quantize(y, 1).reshape(-1), D + 4
+    else:
+        rows, w = y.permute(2, 0, 1, 3).contiguous().reshape(-1), D  # [S_blk, B, h_me, D]
+    x = comm.all_to_all(rows, [s_loc * B * h * w for h in hs], [n * B * me * w for n in sizes],
+                        spec.ulysses_group, "o")  # flat: peer j's [S_loc, B, h_j, w] in order
+    counts = [s_loc * B * h * w for h in hs]
+    parts = [x.narrow(0, sum(counts[:j]), counts[j]).reshape(s_loc, B, hs[j], w) for j in range(U)]
+    x = torch.cat(parts, 2)  # -> [S_loc, B, H, w]
+    if fp8:
+        return torch.ops.cpfx.fp8_dequantize(x.reshape(1, s_loc, B, H, w), spec.dtype)
+    return x.permute(1, 2, 0, 3)  # -> [B, H, S_loc, D]
+
+
 # --- masks -----------------------------------------------------------------------------------
 
 
@@ -154,10 +214,10 @@ def local_mask(
         m = m.unsqueeze(0)
     shape = spec.mask_shape
     if shape[1] > 1 and spec.ulysses > 1:  # per-head mask: keep this rank's head group
-        hp = spec.padded_heads
-        if hp != shape[1]:
-            m = torch.cat([m, m.narrow(1, 0, 1).expand(-1, hp - shape[1], -1, -1)], 1)
-        m = m.narrow(1, spec.ulysses_index * (hp // spec.ulysses), hp // spec.ulysses)
+        start, n = spec.head_range(shape[1])
+        if start + n > shape[1]:  # padded heads: their (discarded) rows may use any mask
+            m = torch.cat([m, m.narrow(1, 0, 1).expand(-1, start + n - shape[1], -1, -1)], 1)
+        m = m.narrow(1, start, n)
     if shape[2] > 1:
         m = comm.take_pieces(m, 2, q_pieces)
     if shape[3] > 1:
@@ -277,6 +337,7 @@ def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
     gqa = spec.enable_gqa and spec.kv_heads != spec.heads
     kv_heads = spec.kv_heads
     if gqa and (spec.ring > 1 or spec.kv_heads % spec.ulysses or spec.heads % spec.ulysses):
+        # K/V head groups must line up with the query head groups of each rank.
         rep = spec.heads // spec.kv_heads  # expand K/V heads so they can be split like Q's
         k = k.repeat_interleave(rep, 1)
         v = v.repeat_interleave(rep, 1)
@@ -286,7 +347,7 @@ def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
         k = _a2a_in(k, spec, kv_heads, "k")
         v = _a2a_in(v, spec, kv_heads, "v")
     if spec.ring > 1:
-        out = ring_attention(q, k, v, mask, spec, spec.padded_heads // spec.ulysses)
+        out = ring_attention(q, k, v, mask, spec, spec.local_heads)
     else:
         pieces = spec.block_pieces(spec.ring_index)
         m = local_mask(mask, spec, pieces, pieces)
@@ -294,10 +355,16 @@ def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
             q, k, v, attn_mask=m, scale=spec.scale, enable_gqa=gqa
         )
     if spec.ulysses > 1:
-        out = tag(heads_to_seq(out, spec), cpfx_a2a=("o", out, spec, spec.heads))
+        back = heads_to_seq_uneven(out, spec) if _uneven(spec, spec.heads) else heads_to_seq(out, spec)
+        out = tag(back, cpfx_a2a=("o", out, spec, spec.heads))
     return out
+
+
+def _uneven(spec: AttnSpec, heads: int) -> bool:
+    return spec.head_padding == "uneven" and heads % spec.ulysses != 0
 
 
 def _a2a_in(x, spec: AttnSpec, heads: int, role: str):
     """seq_to_heads, with its endpoints recorded so `fp8_comm` can swap the implementation."""
-    return tag(seq_to_heads(x, spec, heads, role), cpfx_a2a=(role, x, spec, heads))
+    fn = seq_to_heads_uneven if _uneven(spec, heads) else seq_to_heads
+    return tag(fn(x, spec, heads, role), cpfx_a2a=(role, x, spec, heads))

@@ -71,13 +71,7 @@ def compile_graph(
         return gm.forward
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
-    ctx = PassContext(
-        config=config, world=info.world, cp_rank=info.cp_rank, cp_group=info.cp_group,
-        ulysses=info.ulysses, ring=info.ring, ulysses_index=info.ulysses_index,
-        ring_index=info.ring_index, ulysses_group=info.ulysses_group, ring_group=info.ring_group,
-        ring_ranks=info.ring_ranks, device_type=info.device_type, graph_id=graph_id,
-        fake_inputs=fake, fake_mode=mode, check_group=info.check_group,
-    )
+    ctx = context_for(info, config, graph_id=graph_id, fake_inputs=fake, fake_mode=mode)
     gm = run_passes(gm, ctx, build_pipeline(config), rank=info.cp_rank)
     if config.compile:
         from torch._inductor.compile_fx import compile_fx
@@ -86,9 +80,12 @@ def compile_graph(
     return gm.forward
 
 
-def _require_dist() -> None:
-    if not dist.is_available() or not dist.is_initialized():
-        raise ConfigError(
-            "cpfx needs an initialized process group: call torch.distributed.init_process_group"
-            "('gloo' on CPU, 'nccl' on GPUs) on every rank first (e.g. under torchrun)"
-        )
+def context_for(info: MeshInfo, config: ParallelConfig, **extra: Any) -> PassContext:
+    """The pass context of this rank on `info`'s mesh."""
+    return PassContext(
+        config=config, world=info.world, cp_rank=info.cp_rank, cp_group=info.cp_group,
+        ulysses=info.ulysses, ring=info.ring, ulysses_index=info.ulysses_index,
+        ring_index=info.ring_index, ulysses_group=info.ulysses_group, ring_group=info.ring_group,
+        ring_ranks=info.ring_ranks, device_type=info.device_type, check_group=info.check_group,
+        **extra,
+    )

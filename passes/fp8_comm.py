@@ -21,7 +21,12 @@ import torch
 import torch.fx as fx
 
 import cpfx.kernels.fp8  # noqa: F401  (registers torch.ops.cpfx.fp8_*)
-from cpfx.attention import heads_to_seq_fp8, seq_to_heads_fp8
+from cpfx.attention import (
+    heads_to_seq_fp8,
+    heads_to_seq_uneven,
+    seq_to_heads_fp8,
+    seq_to_heads_uneven,
+)
 from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.errors import ConfigError
@@ -59,8 +64,15 @@ def fp8_comm_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 f"fp8_comm: attention at {where(end)} runs in {spec.dtype}; FP8 all-to-all supports {[str(d) for d in SUPPORTED]}. "
                 "Set ParallelConfig(fp8_comm=False) or cast the model."
             )
-        if role == "o":
+        uneven = spec.head_padding == "uneven" and heads % spec.ulysses != 0
+        if role == "o" and uneven:
+            new = splice(gm.graph, end, heads_to_seq_uneven, [src, spec, True], origin=end,
+                         pass_name=PASS)
+        elif role == "o":
             new = splice(gm.graph, end, heads_to_seq_fp8, [src, spec], origin=end, pass_name=PASS)
+        elif uneven:
+            new = splice(gm.graph, end, seq_to_heads_uneven, [src, spec, heads, role, True],
+                         origin=end, pass_name=PASS)
         else:
             new = splice(gm.graph, end, seq_to_heads_fp8, [src, spec, heads, role], origin=end,
                          pass_name=PASS)

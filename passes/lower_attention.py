@@ -21,7 +21,6 @@ import torch.fx as fx
 from cpfx.attention import AttnSpec, cp_attention
 from cpfx.context import PassContext
 from cpfx.debug import counters
-from cpfx.errors import UnsupportedPatternError
 from cpfx.graph_utils import splice
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,9 @@ def strategy_name(ctx: PassContext) -> str:
 def make_spec(site, ctx: PassContext) -> AttnSpec:
     mode = ctx.config.head_padding
     if mode == "auto":
-        mode = "pad"  # TODO(uneven heads): "uneven" when the sequence divides evenly
+        # Padding-free uneven head groups send fewer bytes and work with uneven sequences too;
+        # with fewer heads than ranks some ranks would get none: pad instead.
+        mode = "uneven" if min(site.heads, site.kv_heads) >= ctx.ulysses else "pad"
     return AttnSpec(
         layout=site.layout, batch=site.batch, heads=site.heads, kv_heads=site.kv_heads,
         head_dim=site.head_dim, scale=site.scale, enable_gqa=site.enable_gqa,
@@ -59,12 +60,9 @@ def lower_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     for n in sites:
         site = n.meta["cpfx_attn"]
         spec = make_spec(site, ctx)
-        if spec.head_padding == "uneven" and spec.heads % ctx.ulysses:
-            raise UnsupportedPatternError(
-                f"lower_attention: attention in {site.where} has {site.heads} heads, not divisible "
-                f"by ulysses={ctx.ulysses}, and uneven head groups are not implemented yet; set "
-                "ParallelConfig(head_padding='pad')"
-            )
+        if site.heads < ctx.ulysses and spec.head_padding == "uneven":
+            log.info("%s: %d heads on %d Ulysses ranks: some ranks get no head",
+                     site.where, site.heads, ctx.ulysses)
         q, k, v, mask = n.args
         out = splice(gm.graph, n, cp_attention, [q, k, v, mask, spec], origin=n, pass_name=PASS)
         out.meta["cpfx_strategy"] = name

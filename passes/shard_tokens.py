@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import re
 from typing import Any
 
 import torch
@@ -75,7 +76,8 @@ def where(n: fx.Node) -> str:
     path = ""
     if stack:
         path = list(stack.values())[-1][0]
-        path = path.replace("L['self'].", "").replace("L__self___", "")
+        path = re.sub(r"(__dict__)?\['_modules'\]\['([^']+)'\]", r".\2", path)
+        path = re.sub(r"^(L\['self'\]|L__self___)?\.?", "", path).replace("..", ".")
     trace = (n.meta.get("stack_trace") or "").strip().splitlines()
     line = trace[-2].strip() if len(trace) >= 2 else ""
     return f"{path or n.name} ({line})" if line else (path or n.name)
@@ -191,6 +193,7 @@ class _Sharder:
                 origin=before, pass_name=PASS,
             )
             g.meta["val"] = val(x)
+            g.meta["cpfx_plan"] = ("gather", x.name, f"{before.name}: {where(before)}")
             self.state[g] = None
             self.gathers[x] = g
             self.c["gather"] += 1
@@ -212,6 +215,7 @@ class _Sharder:
         s = splice(self.g, anchor, comm.take_pieces, [n, dim, layout.pieces(self.ctx.cp_rank)],
                    after=True, origin=n, pass_name=PASS)
         s.meta["val"] = val(n)
+        s.meta["cpfx_plan"] = ("seed", n.name, dim, size)
         self.state[s] = Shard(dim, layout)
         for u in users:
             u.replace_input_with(n, s)
@@ -538,6 +542,7 @@ def shard_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     seeds, sdpas = find_seeds(gm.graph)
     log.info("shard_tokens: %d attention calls, %d seeds", len(sdpas), len(seeds))
     _Sharder(gm, ctx).run(seeds)
+    gm.meta["cpfx_attention"] = len(sdpas)
     for n in [n for n in gm.graph.nodes if is_sdpa(n) and not n.users]:
         gm.graph.erase_node(n)
     gm.graph.eliminate_dead_code()

@@ -56,3 +56,80 @@ def parity(
     rel = ((out - ref).norm() / ref.norm()).item()
     counters = {k: dict(v) for k, v in cpfx.counters.items()}
     return {"max_abs": diff, "rel_l2": rel, "counters": counters, "shape": tuple(out.shape)}
+
+
+def diverging_graphs(timeout_s: float = 60.0) -> str:
+    """Rank 1 compiles a different collective schedule (allgather ring vs p2p ring)."""
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, kw = build("flux")
+    rotate = "allgather" if dist.get_rank() == 1 else "p2p"
+    cfg = cpfx.ParallelConfig(ring_rotate=rotate, timeout_s=timeout_s)
+    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ring",)), cfg)
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except cpfx.RankDivergenceError as e:
+        return f"RankDivergenceError: {e}"
+    return "no error"
+
+
+def rank_dies(timeout_s: float = 20.0) -> str:
+    """The last rank exits in the middle of the forward; the others must raise, not hang."""
+    import os
+    import time
+
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, kw = build("flux")
+    cfg = cpfx.ParallelConfig(timeout_s=timeout_s, check_collectives=False)
+    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ulysses",)), cfg)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os._exit(3)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except Exception as e:  # noqa: BLE001 - any error is fine, hanging is not
+        return f"raised after {time.perf_counter() - t0:.1f}s: {type(e).__name__}"
+    return "no error"
+
+
+def resolutions(sizes: list[int]) -> list[float]:
+    """One parallelized model, several input resolutions in a row: each vs single process."""
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, _ = build("flux")
+    refs = []
+    for n in sizes:
+        _, kw = build("flux", img=n)
+        with torch.no_grad():
+            refs.append((kw, m(**kw)[0]))
+    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ulysses",)))
+    diffs = []
+    with torch.no_grad():
+        for kw, ref in refs:
+            diffs.append((m(**kw)[0] - ref).abs().max().item())
+    return diffs
+
+
+def different_inputs() -> str:
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, kw = build("flux", seed=dist.get_rank())  # rank-dependent inputs: a user error
+    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ulysses",)),
+                     cpfx.ParallelConfig(check_inputs=True))
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except cpfx.RankDivergenceError as e:
+        return str(e)
+    return "no error"

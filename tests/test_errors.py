@@ -1,0 +1,145 @@
+"""Reliability: clear errors before work, no hangs, no silent wrong answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import cpfx
+from tests.graphs import fake_world, rewrite
+from tests.pool import Pool
+
+
+def test_no_process_group():
+    from tests.models import build
+
+    assert not dist.is_initialized()
+    m, _ = build("flux")
+    with pytest.raises(cpfx.ConfigError, match="init_process_group"):
+        cpfx.parallelize(m)
+
+
+def test_bad_config_values():
+    with pytest.raises(cpfx.ConfigError, match="ring_rotate"):
+        cpfx.ParallelConfig(ring_rotate="ring")
+    with pytest.raises(cpfx.ConfigError, match="head_padding"):
+        cpfx.ParallelConfig(head_padding="zeros")
+
+
+def test_mesh_checks():
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from tests.models import build
+
+    m, _ = build("flux")
+    with fake_world(4):
+        with pytest.raises(cpfx.ConfigError, match="unknown mesh dim name"):
+            cpfx.parallelize(m, init_device_mesh("cpu", (4,), mesh_dim_names=("cp",)))
+        with pytest.raises(cpfx.ConfigError, match="2 devices but the process group has 4"):
+            cpfx.parallelize(m, DeviceMesh("cpu", [0, 1], mesh_dim_names=("ulysses",)))
+        with pytest.raises(cpfx.ConfigError, match="order the mesh dims"):
+            cpfx.parallelize(m, init_device_mesh("cpu", (2, 2), mesh_dim_names=("ulysses", "ring")))
+        with pytest.raises(cpfx.ConfigError, match="no dim names"):
+            cpfx.parallelize(m, init_device_mesh("cpu", (4,)))
+
+
+class NoAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).relu()
+
+
+def test_model_without_attention():
+    with fake_world(2):
+        m = cpfx.parallelize(NoAttention(), config=cpfx.ParallelConfig(check_collectives=False))
+        with pytest.raises(cpfx.ConfigError, match="no scaled_dot_product_attention"):
+            m(torch.randn(1, 16, 8))
+
+
+class Attn(torch.nn.Module):
+    def __init__(self, **sdpa_kwargs):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+        self.kw = sdpa_kwargs
+
+    def forward(self, x, mask=None):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        kw = dict(self.kw)
+        if mask is not None:
+            kw["attn_mask"] = mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def _compile(model, *args, world=2, names=("ulysses",), **config):
+    from cpfx.api import unwrap_errors
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch._dynamo.reset()
+    with fake_world(world):
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=names)
+        be = cpfx.backend(mesh, cpfx.ParallelConfig(check_collectives=False, **config))
+        unwrap_errors(torch.compile(model, backend=be, dynamic=False))(*args)
+
+
+def test_dropout_refused():
+    with pytest.raises(cpfx.UnsupportedPatternError, match="dropout_p=0.1"):
+        _compile(Attn(dropout_p=0.1), torch.randn(1, 16, 16))
+
+
+def test_causal_refused():
+    with pytest.raises(cpfx.UnsupportedPatternError, match="causal"):
+        _compile(Attn(is_causal=True), torch.randn(1, 16, 16), names=("ring",))
+
+
+def test_unshardable_mask_refused():
+    # A key dim of 5 cannot broadcast over 16 keys, so SDPA itself would fail; a mask over the
+    # key dim of a *different* length than the sequence is what cpfx cannot shard.
+    mask = torch.ones(1, 1, 16, 16, 2, dtype=torch.bool)
+    with pytest.raises(cpfx.UnsupportedPatternError, match="mask of shape"):
+        _compile(Attn(), torch.randn(1, 16, 16), mask)
+
+
+def test_recompile_cap():
+    from tests.models import build
+
+    with fake_world(2):
+        m, kw = build("flux")
+        cpfx.parallelize(m, config=cpfx.ParallelConfig(max_recompiles=1, check_collectives=False))
+        with torch.no_grad():
+            m(**kw)
+            _, kw2 = build("flux", img=32)
+            with pytest.raises(cpfx.CpfxError, match="max_recompiles=1"):
+                m(**kw2)
+
+
+def test_divergent_ranks_raise_instead_of_hanging(pools):
+    res = pools(2).run("tests.tasks:diverging_graphs", timeout=300)
+    for r in res:
+        assert r.startswith("RankDivergenceError") and "ring_send_recv" in r and "all_gather" in r, r
+
+
+def test_rank_death_raises_within_timeout():
+    pool = Pool(2)
+    try:
+        for q in pool.tasks:
+            q.put(("tests.tasks:rank_dies", {"timeout_s": 20.0}))
+        rank, ok, val = pool.results.get(timeout=240)
+        assert rank == 0 and ok and val.startswith("raised after"), val
+        assert float(val.split()[2].rstrip("s:")) < 60
+    finally:
+        pool.close(kill=True)
+
+
+def test_three_resolutions_each_exact(pools):
+    res = pools(2).run("tests.tasks:resolutions", sizes=[64, 48, 100])
+    for diffs in res:
+        assert max(diffs) <= 1e-5, diffs
+
+
+def test_check_inputs_catches_rank_dependent_inputs(pools):
+    res = pools(2).run("tests.tasks:different_inputs")
+    for r in res:
+        assert "received different inputs" in r, r

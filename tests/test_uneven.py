@@ -1,0 +1,62 @@
+"""Any sequence length and any head count: gloo numerics and counted bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.graphs import payload_bytes, rewrite
+from tests.test_parity import check
+
+ODD = {"img": 1023, "txt": 77}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_flux_1023_plus_77_tokens(pools, world):
+    check(pools(world).run("tests.tasks:parity", model="flux", model_kwargs=ODD))
+
+
+@pytest.mark.parametrize("world,heads,mode", [
+    (2, 3, "auto"), (4, 6, "auto"), (4, 7, "auto"), (4, 30, "auto"), (4, 7, "pad"), (4, 6, "pad"),
+])
+def test_heads_not_divisible(pools, world, heads, mode):
+    kw = {"heads": heads, "img": 64, "txt": 8}
+    check(pools(world).run("tests.tasks:parity", model="flux", model_kwargs=kw,
+                           config={"head_padding": mode}))
+
+
+def test_uneven_heads_and_sequence_together(pools):
+    kw = {"heads": 7, "img": 61, "txt": 7}
+    check(pools(4).run("tests.tasks:parity", model="flux", model_kwargs=kw))
+    check(pools(4).run("tests.tasks:parity", model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}))
+
+
+@pytest.mark.parametrize("rotate", ["p2p", "allgather"])
+def test_ring_uneven(pools, rotate):
+    check(pools(3).run("tests.tasks:parity", model="flux", model_kwargs={"img": 61, "txt": 7},
+                       mesh_names=("ring",), config={"ring_rotate": rotate}))
+    check(pools(3).run("tests.tasks:parity", model="qwen", model_kwargs={"h": 6, "w": 10, "txt": 7},
+                       mesh_names=("ring",), config={"ring_rotate": rotate}))
+
+
+def test_usp_uneven_sequence_and_heads(pools):
+    check(pools(4).run("tests.tasks:parity", model="flux", model_kwargs={"heads": 3, "img": 61, "txt": 7},
+                       mesh_shape=(2, 2), mesh_names=("ring", "ulysses")))
+
+
+def test_wan_uneven(pools):
+    check(pools(3).run("tests.tasks:parity", model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4}))
+
+
+def test_bytes_padded_vs_padding_free():
+    """7 heads on 4 ranks, 64 + 8 tokens (18 per rank), head_dim 16, fp32, per attention."""
+    kw = {"heads": 7, "img": 64, "txt": 8}
+    (pad,) = rewrite("flux", world=4, model_kwargs=kw, head_padding="pad")
+    (free,) = rewrite("flux", world=4, model_kwargs=kw, head_padding="uneven")
+    s_loc, d, el, n_attn = 18, 16, 4, 2
+    # padded: Q, K, V, O each move 8 heads (7 + 1 zero head) of every local token
+    assert payload_bytes(pad) == {r: n_attn * s_loc * 8 * d * el for r in "qkvo"}
+    # padding-free: Q, K, V send exactly the 7 real heads; O returns rank 0's 2 heads of all 72 tokens
+    expected = {r: n_attn * s_loc * 7 * d * el for r in "qkv"}
+    expected["o"] = n_attn * 72 * 2 * d * el
+    assert payload_bytes(free) == expected

@@ -94,14 +94,6 @@ def test_causal_refused():
         _compile(Attn(is_causal=True), torch.randn(1, 16, 16), names=("ring",))
 
 
-def test_unshardable_mask_refused():
-    # A key dim of 5 cannot broadcast over 16 keys, so SDPA itself would fail; a mask over the
-    # key dim of a *different* length than the sequence is what cpfx cannot shard.
-    mask = torch.ones(1, 1, 16, 16, 2, dtype=torch.bool)
-    with pytest.raises(cpfx.UnsupportedPatternError, match="mask of shape"):
-        _compile(Attn(), torch.randn(1, 16, 16), mask)
-
-
 def test_recompile_cap():
     from tests.models import build
 

@@ -291,6 +291,19 @@ def out_dim(node: fx.Node, a: fx.Node, d: int) -> int | list[int | None] | None:
     if name == "stack":
         k = norm_dim(arg(node, 1, "dim", 0), nd + 1)
         return d + 1 if k <= d else d
+    if name == "pad_sequence":
+        # Stacks the sequences along a new batch dim, padding their dim 0 to the longest: token-wise
+        # along dim 0 only when nothing is padded (equal lengths: batch 1, or equal prompts).
+        seqs = _as_list(arg(node, 0, "sequences"))
+        if o_shape is None or not any(s is a for s in seqs):
+            return None
+        batch_first = bool(arg(node, 1, "batch_first", False))
+        if d == 0:
+            longest = o_shape[1 if batch_first else 0]
+            if any(shape_of(s) is None or shape_of(s)[0] != longest for s in seqs):
+                return None
+            return 1 if batch_first else 0
+        return d + 1
     if is_pointwise_name(name) and o_shape is not None and a in data_args(node):
         return d + len(o_shape) - nd
     return None

@@ -272,6 +272,8 @@ class _Sharder:
         if not any(x in sharded for x in data):
             self.gather_inputs(n)  # e.g. type_as(sharded): only dtype read
             return None
+        if op_name(n) == "pad_sequence" and any(x not in sharded for x in data):
+            raise _Gather  # sequences must all be sharded alike: no replicated one to slice
         outs = set()
         for x, sh in sharded.items():
             if x not in data:
@@ -301,9 +303,9 @@ class _Sharder:
                 continue
             shape = rules.shape_of(x)
             if op_name(n) == "stack":
-                d = od if od < len(shape) else None
-                if d is None:
-                    continue
+                # stack inserts a new dim k: element dim d is output dim d + 1 when k <= d.
+                k = rules.norm_dim(rules.arg(n, 1, "dim", 0), o_nd)
+                d = od - 1 if od > k else od
             else:
                 d = od - (o_nd - len(shape))
             if d < 0 or shape[d] == 1:
@@ -416,10 +418,20 @@ class _Sharder:
                 f"{where(n)}; cpfx cannot keep this exact. Report the model."
             )
         od, sl = rules.index_dim(len(rules.shape_of(target)), idx, sh.dim)
-        if od is None or sl.indices(sh.layout.global_size) != (0, sh.layout.global_size, 1):
+        glob = sh.layout.global_size
+        start, stop, step = sl.indices(glob) if od is not None else (0, 0, 0)
+        # A write to whole segments of the layout (e.g. `q[:, :, txt:] = rope(q[:, :, txt:])`
+        # on a [text | image] sequence) is local: every rank writes its chunk of each segment.
+        sub = None if od is None or step != 1 else sh.layout.select(start, stop)
+        if sub is None:
             raise UnsupportedPatternError(
-                f"shard_tokens: in-place write along the token dim at {where(n)}; not supported."
+                f"shard_tokens: in-place write to tokens [{start}:{stop}] of a sequence sharded as "
+                f"{sh.layout} at {where(n)}; only writes to whole segments are supported."
             )
+        if (start, stop) != (0, glob):
+            lo, hi = sh.layout.local_ranges(self.ctx.cp_rank, start, stop)
+            idx = _replace_slice(idx, sl, slice(lo, hi))
+            n.args = (target, idx, value)
         vs = self.shard_of(value) if isinstance(value, fx.Node) else None
         if isinstance(value, fx.Node) and vs is None:
             shape = rules.shape_of(value)
@@ -428,8 +440,13 @@ class _Sharder:
             )
             d = od - (v_nd - len(shape))
             if 0 <= d and shape[d] != 1:
-                n.replace_input_with(value, self.slice_(value, d, sh.layout, n))
-        elif vs is not None and vs.layout != sh.layout:
+                if shape[d] != sub.global_size:
+                    raise UnsupportedPatternError(
+                        f"shard_tokens: setitem value of {shape[d]} tokens into {sub.global_size} "
+                        f"at {where(n)}"
+                    )
+                n.replace_input_with(value, self.slice_(value, d, sub, n))
+        elif vs is not None and vs.layout != sub:
             raise UnsupportedPatternError(f"shard_tokens: mismatched token layouts in setitem at {where(n)}")
         return None
 

@@ -23,8 +23,11 @@ def make_mesh(shape: tuple[int, ...], names: tuple[str, ...]):
 
 def _first(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
-        return out[0]
-    return out.sample if hasattr(out, "sample") else out
+        out = out[0]
+    out = out.sample if hasattr(out, "sample") else out
+    if isinstance(out, (tuple, list)):  # Z-Image returns a list of per-sample tensors
+        out = torch.stack(list(out))
+    return out
 
 
 def parity(

@@ -136,3 +136,65 @@ def different_inputs() -> str:
     except cpfx.RankDivergenceError as e:
         return str(e)
     return "no error"
+
+
+def flux_pipeline(steps: int = 3) -> dict[str, float]:
+    """A real FluxPipeline (tiny random components, prompt embeddings given): image vs single process."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, _ = build("flux", img=64, txt=8)
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=1, norm_num_groups=4, sample_size=32, shift_factor=0.0, scaling_factor=1.0,
+    )
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=m)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    emb, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+
+    def run():
+        return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, height=32, width=32,
+                    num_inference_steps=steps, guidance_scale=1.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(1)).images
+
+    with torch.no_grad():
+        ref = run()
+        cpfx.parallelize(pipe.transformer, make_mesh((dist.get_world_size(),), ("ulysses",)))
+        img = run()
+    gathered = [torch.empty_like(img) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, img)
+    return {
+        "max_abs": (img - ref).abs().max().item(),
+        "across_ranks": max((x - img).abs().max().item() for x in gathered),
+        "calls": cpfx.counters["lower_attention"]["ulysses"],
+    }
+
+
+def compiled(mode: str) -> dict[str, float]:
+    """`ParallelConfig(compile=True)` (inductor) or `torch.compile(backend="cpfx")` vs eager cpfx."""
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, kw = build("flux")
+    with torch.no_grad():
+        ref = m(**kw)[0]
+    mesh = make_mesh((dist.get_world_size(),), ("ulysses",))
+    eager_m, _ = build("flux")
+    cpfx.parallelize(eager_m, mesh)
+    with torch.no_grad():
+        eager = eager_m(**kw)[0]
+        if mode == "inductor":
+            cpfx.parallelize(m, mesh, cpfx.ParallelConfig(compile=True))
+            out = m(**kw)[0]
+        else:
+            out = torch.compile(m, backend="cpfx", dynamic=False)(**kw)[0]
+    return {"vs_eager": (out - eager).abs().max().item(), "max_abs": (out - ref).abs().max().item(),
+            "a2a": cpfx.counters["lower_attention"]["ulysses"]}

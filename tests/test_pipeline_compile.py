@@ -1,0 +1,21 @@
+"""A real diffusers pipeline with a parallelized transformer; inductor and the named backend."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_flux_pipeline_same_image_on_every_rank(pools):
+    res = pools(2).run("tests.tasks:flux_pipeline", steps=3)
+    for r in res:
+        assert r["calls"] >= 2  # the parallel graph really ran
+        assert r["max_abs"] <= 1e-5, r
+        assert r["across_ranks"] == 0.0, r
+
+
+@pytest.mark.parametrize("mode", ["inductor", "backend_name"])
+def test_compiled_matches_eager(pools, mode):
+    res = pools(2).run("tests.tasks:compiled", mode=mode)
+    for r in res:
+        assert r["a2a"] >= 2
+        assert r["vs_eager"] <= 1e-5 and r["max_abs"] <= 1e-5, r

@@ -1,0 +1,183 @@
+"""cpfx's own costs on CPU/gloo: bytes vs formula, scaling, parallelize cost, per-call overhead, memory.
+
+    python benchmarks/costs.py [--json out.json] [--quick]
+
+1. Bytes per forward per rank, counted from the rewritten graphs (`cpfx.explain`, one process,
+   fake group), vs the closed-form formula, for Ulysses, ring, USP and FP8.
+2. Scaling: single process (best of 1 and 2 intra-op threads) vs N ranks x 1 thread.
+3. Cost of `parallelize`: first call (Dynamo capture + cpfx passes) vs a plain Dynamo capture.
+4. Steady-state overhead per call vs calling the rewritten graph directly.
+5. Peak resident memory growth during one forward, per rank vs the single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+FLUX = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
+QUICK = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
+
+
+def median_time(fn, repeats):
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def formula(kind, s, n, b=1, h=4, d=64, el=4, blocks=2, fp8=False, r=2):
+    """Bytes one rank sends per forward for `blocks` attentions over `s` tokens on `n` ranks."""
+    per = b * h * (s / n) * d * el  # one local [B, H, S/N, D] tensor
+    row = (d + 4) / (d * el)  # FP8 bytes per element relative to the model dtype
+    if kind == "ulysses":
+        qvo = 3 * per * (row if fp8 else 1)
+        return blocks * (qvo + per) * (n - 1) / n
+    if kind == "ring":  # p2p: n-1 steps, K and V of one block each
+        return blocks * (n - 1) * 2 * per
+    if kind == "usp":  # Ulysses over u = n / r on S/N tokens, ring over r blocks of S/r tokens, H/u heads
+        u = n // r
+        return blocks * (4 * per * (u - 1) / u + (r - 1) * 2 * b * (h / u) * (s / r) * d * el)
+    raise ValueError(kind)
+
+
+def bytes_table(cfg):
+    from cpfx import ParallelConfig, tiny
+    from cpfx.explain import explain
+
+    s = cfg["img"] + cfg["txt"]
+    blocks = cfg["layers"] + cfg["single"]
+    rows = []
+    for kind, n, names, shape, fp8, dt in [
+        ("ulysses", 2, ("ulysses",), (2,), False, torch.float32),
+        ("ulysses", 4, ("ulysses",), (4,), False, torch.float32),
+        ("ring", 4, ("ring",), (4,), False, torch.float32),
+        ("usp", 4, ("ring", "ulysses"), (2, 2), False, torch.float32),
+        ("ulysses", 4, ("ulysses",), (4,), True, torch.bfloat16),
+    ]:
+        m, kw = tiny.build("flux", **cfg)
+        m = m.to(dt)
+        kw = {k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+        rep = explain(m, None, ParallelConfig(fp8_comm=fp8), world=n, mesh_shape=shape,
+                      mesh_dim_names=names, print_table=False, **kw)
+        counted = sum(b for k, _, b in rep.collectives if k != "all_gather_into_tensor")
+        el = 2 if dt == torch.bfloat16 else 4
+        expect = formula(kind, s, n, h=cfg["heads"], d=cfg["head_dim"], el=el, blocks=blocks, fp8=fp8)
+        rows.append({"strategy": kind + ("+fp8" if fp8 else ""), "n": n, "dtype": str(dt),
+                     "counted_MB": counted / 1e6, "formula_MB": expect / 1e6})
+    return rows
+
+
+def _rank(rank, world, port, cfg, repeats, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import cpfx
+    import importlib
+
+    be_mod = importlib.import_module("cpfx.backend")
+    from cpfx import tiny
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    m, kw = tiny.build("flux", **cfg)
+    recorded = {}
+    orig = be_mod.compile_graph
+
+    def recording(*a, **k):  # keep the rewritten graph's callable and its inputs
+        fn = orig(*a, **k)
+
+        def call(*args):
+            recorded["fn"], recorded["args"] = fn, args
+            return fn(*args)
+
+        return call
+
+    be_mod.compile_graph = recording
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ulysses",))
+    cpfx.parallelize(m, mesh)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        m(**kw)
+        first = time.perf_counter() - t0
+        grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+        dist.barrier()
+        t_model = median_time(lambda: m(**kw), repeats)
+        dist.barrier()
+        t_graph = median_time(lambda: recorded["fn"](*recorded["args"]), repeats)
+    if rank == 0:
+        q.put({"first_call_s": first, "forward_s": t_model, "graph_direct_s": t_graph,
+               "rss_growth_MB": grow / 1024})
+    dist.destroy_process_group()
+
+
+def single(cfg, repeats):
+    from cpfx import tiny
+
+    m, kw = tiny.build("flux", **cfg)
+    best = None
+    with torch.no_grad():
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        m(**kw)
+        grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            t = median_time(lambda: m(**kw), repeats)
+            best = min(best or (t, th), (t, th))
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        torch.compile(m, backend="eager", dynamic=False)(**kw)
+        capture = time.perf_counter() - t0
+    return {"forward_s": best[0], "threads": best[1], "dynamo_capture_s": capture,
+            "rss_growth_MB": grow / 1024}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worlds", default="2,4")
+    args = p.parse_args()
+    cfg = QUICK if args.quick else FLUX
+    out = {"config": cfg, "bytes": bytes_table(cfg)}
+    print(f"{'strategy':<14}{'N':>3}  {'dtype':<16}{'counted MB':>12}{'formula MB':>12}")
+    for r in out["bytes"]:
+        print(f"{r['strategy']:<14}{r['n']:>3}  {r['dtype']:<16}{r['counted_MB']:>12.3f}{r['formula_MB']:>12.3f}")
+    out["single"] = single(cfg, args.repeats)
+    s = out["single"]
+    print(f"\nsingle process: {s['forward_s'] * 1e3:.1f} ms ({s['threads']} thread(s)); plain Dynamo capture "
+          f"{s['dynamo_capture_s']:.1f} s; peak RSS growth in forward {s['rss_growth_MB']:.0f} MB")
+    out["ranks"] = {}
+    for world in [int(w) for w in args.worlds.split(",")]:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        mp.start_processes(_rank, args=(world, port, cfg, args.repeats, q), nprocs=world, start_method="spawn")
+        r = q.get()
+        out["ranks"][world] = r
+        print(f"N={world}: forward {r['forward_s'] * 1e3:.1f} ms (speedup {s['forward_s'] / r['forward_s']:.2f}x), "
+              f"first call {r['first_call_s']:.1f} s (capture + passes), graph called directly "
+              f"{r['graph_direct_s'] * 1e3:.1f} ms (overhead {(r['forward_s'] - r['graph_direct_s']) * 1e3:+.1f} ms), "
+              f"peak RSS growth {r['rss_growth_MB']:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

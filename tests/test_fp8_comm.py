@@ -41,14 +41,19 @@ def test_fp8_refuses_float64():
         rewrite("flux", world=2, dtype=torch.float64, fp8_comm=True)
 
 
-FP8_REL_L2 = 5e-3  # measured ~1e-3 on these tiny random models
+# Measured relative L2 (N=2 and N=4 alike: scales are per token and head, not per shard):
+# flux ~1e-3, qwen ~1e-3, z_image 1.12e-2 (e4m3 keeps 3 mantissa bits: ~2-3% RMS per element,
+# diluted by the residual stream; the tiny random Z-Image has a thin residual).
+FP8_REL_L2 = {"flux": 5e-3, "qwen": 5e-3, "z_image": 1.5e-2}
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model,dtype", [("flux", "float32"), ("qwen", "float32"), ("flux", "bfloat16")])
+@pytest.mark.parametrize("model,dtype", [
+    ("flux", "float32"), ("qwen", "float32"), ("z_image", "float32"), ("flux", "bfloat16"),
+])
 def test_fp8_parity(pools, model, dtype, world):
     res = pools(world).run("tests.tasks:parity", model=model, dtype=dtype, config={"fp8_comm": True})
     for r in res:
-        bound = FP8_REL_L2 if dtype == "float32" else 2e-2
+        bound = FP8_REL_L2[model] if dtype == "float32" else 2e-2
         assert r["rel_l2"] <= bound, r
         assert r["counters"]["fp8_comm"]["q"] >= 2

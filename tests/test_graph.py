@@ -118,3 +118,34 @@ def test_ring_p2p_transfer_overlaps_block_attention():
 def test_async_off_keeps_order():
     (gm,) = rewrite("flux", world=2, async_qkv=False)
     assert "overlap" not in cpfx.counters
+
+
+def _max_live_kv_blocks(gm):
+    """Largest number of K/V ring blocks alive at once, from the graph's def/last-use intervals.
+
+    A block is the packed K/V rows a rank starts with, or a receive buffer of a ring step; a wait
+    on a buffer is an alias of it. Measured per attention: blocks of different attentions never
+    overlap because each attention's output is needed before the next one starts.
+    """
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sends = [n for n in gm.graph.nodes if "ring_send_recv" in str(n.target)]
+    gathers = [n for n in gm.graph.nodes if n.meta.get("cpfx_collective") == "all_gather"
+               and n.meta.get("cpfx_role") == "kv"]
+    intervals = []
+    for buf in sends + [s.args[0] for s in sends if "ring_send_recv" not in str(s.args[0].target)
+                        and "wait" not in str(s.args[0].target)]:
+        alias = [buf] + [u for u in buf.users if "wait_tensor" in str(u.target)]
+        last = max(pos[u] for a in alias for u in a.users)
+        intervals.append((pos[buf], last, 1))
+    for g in gathers:  # one all-gather holds every block of the ring at once
+        ring = g.args[1]
+        alias = [g] + list(g.users)
+        intervals.append((pos[g], max(pos[u] for a in alias for u in a.users), ring))
+    return max(sum(w for s, e, w in intervals if s <= t <= e) for t in range(len(pos)))
+
+
+def test_ring_p2p_keeps_two_kv_blocks_resident():
+    (p2p,) = rewrite("flux", world=4, mesh_names=("ring",), ring_rotate="p2p")
+    (ag,) = rewrite("flux", world=4, mesh_names=("ring",), ring_rotate="allgather")
+    assert _max_live_kv_blocks(p2p) == 2
+    assert _max_live_kv_blocks(ag) == 4

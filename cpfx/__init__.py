@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch._logging._internal as _torch_logging
+
 from cpfx import ops as _ops  # noqa: F401  (registers torch.ops.cpfx.*)
 from cpfx import p2p as _p2p  # noqa: F401
 from cpfx.kernels import fp8 as _fp8  # noqa: F401
 from cpfx.api import parallelize, sent_bytes_per_call
+from cpfx.explain import explain
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.debug import counters, reset_counters
@@ -17,8 +20,13 @@ from cpfx.errors import (
     UnsupportedPatternError,
 )
 
+try:  # TORCH_LOGS=+cpfx turns on cpfx's loggers like torch's own
+    _torch_logging.register_log("cpfx", ["cpfx"])
+except Exception:  # noqa: BLE001 - logging setup must never break import
+    pass
+
 __all__ = [
     "ConfigError", "CpfxError", "ParallelConfig", "PassError", "RankDivergenceError",
-    "UnsupportedPatternError", "backend", "counters", "parallelize", "reset_counters",
+    "UnsupportedPatternError", "backend", "counters", "explain", "parallelize", "reset_counters",
     "sent_bytes_per_call",
 ]

@@ -198,3 +198,52 @@ def compiled(mode: str) -> dict[str, float]:
             out = torch.compile(m, backend="cpfx", dynamic=False)(**kw)[0]
     return {"vs_eager": (out - eager).abs().max().item(), "max_abs": (out - ref).abs().max().item(),
             "a2a": cpfx.counters["lower_attention"]["ulysses"]}
+
+
+class GQAAttention(torch.nn.Module):
+    """Self-attention with fewer K/V heads than query heads (enable_gqa), a mask and RoPE-like scale."""
+
+    def __init__(self, heads: int, kv_heads: int, dim: int = 16):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, dim
+        self.q = torch.nn.Linear(32, heads * dim)
+        self.k = torch.nn.Linear(32, kv_heads * dim)
+        self.v = torch.nn.Linear(32, kv_heads * dim)
+        self.o = torch.nn.Linear(heads * dim, 32)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.h, self.d)).transpose(1, 2)
+        k = self.k(x).unflatten(-1, (self.kv, self.d)).transpose(1, 2)
+        v = self.v(x).unflatten(-1, (self.kv, self.d)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True, scale=0.3)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+def gqa_parity(heads: int, kv_heads: int, tokens: int = 30, names: tuple[str, ...] = ("ulysses",)) -> float:
+    import cpfx
+
+    _fresh()
+    torch.manual_seed(0)
+    m = GQAAttention(heads, kv_heads).eval()
+    x = torch.randn(1, tokens, 32)
+    mask = torch.rand(1, tokens) > 0.3
+    with torch.no_grad():
+        ref = m(x, mask)
+        cpfx.parallelize(m, make_mesh((dist.get_world_size(),), names))
+        out = m(x, mask)
+    assert cpfx.counters["shard_tokens"]["attention_sharded"] == 1
+    return (out - ref).abs().max().item()
+
+
+def ring_leaves_nothing_pending() -> int:
+    import cpfx
+    from cpfx import p2p
+    from tests.models import build
+
+    _fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ring",)), cpfx.ParallelConfig(ring_rotate="p2p"))
+    with torch.no_grad():
+        m(**kw)
+    return len(p2p._pending_sends)

@@ -135,3 +135,7 @@ def test_check_inputs_catches_rank_dependent_inputs(pools):
     res = pools(2).run("tests.tasks:different_inputs")
     for r in res:
         assert "received different inputs" in r, r
+
+
+def test_no_send_left_pending_after_forward(pools):
+    assert pools(2).run("tests.tasks:ring_leaves_nothing_pending") == [0, 0]

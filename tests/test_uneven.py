@@ -60,3 +60,14 @@ def test_bytes_padded_vs_padding_free():
     expected = {r: n_attn * s_loc * 7 * d * el for r in "qkv"}
     expected["o"] = n_attn * 72 * 2 * d * el
     assert payload_bytes(free) == expected
+
+
+@pytest.mark.parametrize("world,heads,kv_heads,names", [
+    (2, 4, 2, ("ulysses",)),  # K/V heads divide: GQA kept through the all-to-all
+    (4, 4, 1, ("ulysses",)),  # fewer K/V heads than ranks: K/V expanded before the all-to-all
+    (4, 6, 2, ("ulysses",)),  # uneven query heads
+    (2, 4, 2, ("ring",)),
+])
+def test_gqa(pools, world, heads, kv_heads, names):
+    res = pools(world).run("tests.tasks:gqa_parity", heads=heads, kv_heads=kv_heads, names=names)
+    assert max(res) <= 1e-5, res

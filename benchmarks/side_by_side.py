@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 
 WORLD = 2
 TOL = 1e-4  # float32: max abs diff above this is reported as WRONG
+COLL_TIMEOUT = 120.0  # set from --coll-timeout in the ranks
 
 # name -> (cpfx.tiny builder kwargs for the full run, for --quick)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -197,7 +198,8 @@ def setup_method(method: str, name: str, kw: dict[str, Any], reg: Registry) -> t
 
         dim = "ulysses" if method == "cpfx-ulysses" else "ring"
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=(dim,))
-        cpfx.parallelize(model, mesh, cpfx.ParallelConfig(ring_rotate="p2p", fp8_comm=False))
+        cpfx.parallelize(model, mesh, cpfx.ParallelConfig(ring_rotate="p2p", fp8_comm=False,
+                                                       timeout_s=COLL_TIMEOUT))
         return model, inputs, ""
     if method.startswith("diffusers"):
         from diffusers import ContextParallelConfig
@@ -234,6 +236,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, cases: list[tuple[
               q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    global COLL_TIMEOUT
+    COLL_TIMEOUT = args.coll_timeout
     import logging
     import warnings
 

@@ -61,6 +61,11 @@ def run_passes(
         raise CpfxError(f"cannot skip required passes {sorted(bad)}; skippable: "
                         f"{[n for n, _ in passes if n not in REQUIRED]}")
     dump = ctx.config.dump_dir
+    active = [n for n, _ in passes if n not in skip]
+    # meta["val"] is re-propagated (about as costly as one fake forward) only where it is read:
+    # after shard_tokens (lowering reads local shapes) and after the last rewrite (byte counts,
+    # inductor, dumps); passes in between do not read it.
+    refresh_after = {"shard_tokens", [n for n in active if n != "check_collectives"][-1]}
     log.info("cpfx pipeline: %s", ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(passes)))
     if dump:
         debug.write_dump(dump, rank, ctx.graph_id, 0, "captured", gm, "captured by Dynamo")
@@ -77,7 +82,8 @@ def run_passes(
                 raise TypeError(f"returned {type(out).__name__}, not a GraphModule")
             gm = out
             gm.graph.lint()
-            refresh_meta(gm, ctx)
+            if name in refresh_after:
+                refresh_meta(gm, ctx)
         except CpfxError:
             raise
         except Exception as e:  # noqa: BLE001 - wrapped with the pass name

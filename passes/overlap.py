@@ -35,13 +35,13 @@ def _positions(g: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(g.nodes)}
 
 
-def _needed(start: fx.Node, pos: dict[fx.Node, int]) -> set[fx.Node]:
-    """Ancestors of `start`, plus in-place writers (before it) into any of them."""
+def _needed(start: fx.Node, pos: dict[fx.Node, int], lo: int = -1) -> set[fx.Node]:
+    """Ancestors of `start` after position `lo`, plus in-place writers (before it) into them."""
     need: set[fx.Node] = set()
     stack = [start]
     while stack:
         n = stack.pop()
-        if n in need:
+        if n in need or pos[n] <= lo:
             continue
         need.add(n)
         stack.extend(n.all_input_nodes)
@@ -70,9 +70,9 @@ def _reorder(g: fx.Graph, first: fx.Node, last: fx.Node, front: set[fx.Node]) ->
 def _hoist(g: fx.Graph, start: fx.Node, floor: fx.Node | None) -> bool:
     """Move `start` and what it needs up, but not above `floor` (the previous hoisted start)."""
     pos = _positions(g)
-    need = _needed(start, pos)
     last_input = max((pos[x] for x in g.nodes if x.op in ("placeholder", "get_attr")), default=-1)
     lo = max(last_input, pos[floor] if floor is not None else -1)
+    need = _needed(start, pos, lo)
     # Never pull a wait up: a start that needs another transfer's result stays behind its wait
     # (the ring's next send stays after the current block's attention: that is the overlap).
     lo = max([lo] + [pos[x] for x in need if is_wait(x)])
@@ -92,12 +92,14 @@ def _movable(n: fx.Node) -> bool:
     return not any(is_inplace(u) for a in n.all_input_nodes for u in a.users)
 
 
-def _defer(g: fx.Graph, start: fx.Node) -> int:
-    """Move pure nodes before `start` that it does not need, and whose users follow it, below it."""
+def _defer(g: fx.Graph, start: fx.Node, prev: fx.Node | None) -> int:
+    """Move pure nodes between the previous collective and `start` that `start` does not need,
+    and whose users all follow it, below it (deferring past the next collective is enough)."""
     pos = _positions(g)
-    need = _needed(start, pos)
+    lo = pos[prev] if prev is not None else -1
+    need = _needed(start, pos, lo)
     moved = 0
-    for n in reversed([x for x in g.nodes if pos[x] < pos[start]]):
+    for n in reversed([x for x in g.nodes if lo < pos[x] < pos[start]]):
         if n in need or not _movable(n) or not n.users:
             continue
         if all(pos[u] > pos[start] for u in n.users):
@@ -133,8 +135,10 @@ def overlap_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for start in collective_nodes(gm):  # in order, so earlier collectives keep their lead
         c["hoisted"] += _hoist(g, start, floor)
         floor = start
+    prev = None
     for start in collective_nodes(gm):
-        c["deferred"] += _defer(g, start)
+        c["deferred"] += _defer(g, start, prev)
+        prev = start
     for wait in [n for n in g.nodes if is_wait(n)]:
         c["sunk"] += _sink(g, wait)
     g.lint()

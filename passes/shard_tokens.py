@@ -86,11 +86,21 @@ def where(n: fx.Node) -> str:
 # --- analysis -----------------------------------------------------------------------------------
 
 
-def _sources(node: fx.Node, d: int, seen: dict[fx.Node, int], seeds: dict[fx.Node, int]) -> None:
-    """Walk back from (node, dim d) through token-wise ops; record where the dim starts."""
+def _sources(
+    node: fx.Node,
+    d: int,
+    seen: dict[fx.Node, int],
+    seeds: dict[fx.Node, int],
+    stop_at: dict[fx.Node, int] | None = None,
+) -> bool:
+    """Walk back from (node, dim d) through token-wise ops; record where the dim starts.
+
+    With `stop_at`, return True as soon as the walk reaches one of its nodes (shared origin)."""
     stack = [(node, d)]
     while stack:
         n, dim = stack.pop()
+        if stop_at is not None and n in stop_at:
+            return True
         if n in seen:
             continue
         seen[n] = dim
@@ -100,6 +110,7 @@ def _sources(node: fx.Node, d: int, seen: dict[fx.Node, int], seeds: dict[fx.Nod
             stack.append((x, dx))
         if not found:
             seeds.setdefault(n, dim)
+    return False
 
 
 def _producers(n: fx.Node, d: int) -> list[tuple[fx.Node, int]]:
@@ -141,11 +152,9 @@ def find_seeds(graph: fx.Graph) -> tuple[dict[fx.Node, int], list[fx.Node]]:
         a = sdpa_args(n)
         q_seen: dict[fx.Node, int] = {}
         _sources(a["query"], 2, q_seen, seeds)
-        k_seen: dict[fx.Node, int] = {}
-        k_seeds: dict[fx.Node, int] = {}
-        _sources(a["key"], 2, k_seen, k_seeds)
-        if set(q_seen) & set(k_seen):  # K shares an origin with Q: self-attention, shard K/V too
-            seeds.update({k: v for k, v in k_seeds.items() if k not in seeds})
+        if _sources(a["key"], 2, {}, {}, stop_at=q_seen):
+            # K shares an origin with Q: self-attention, so K and V are sharded too.
+            _sources(a["key"], 2, {}, seeds)
             _sources(a["value"], 2, {}, seeds)
     return seeds, sdpas
 

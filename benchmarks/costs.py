@@ -45,7 +45,9 @@ def formula(kind, s, n, b=1, h=4, d=64, el=4, blocks=2, fp8=False, r=2):
         return blocks * (qvo + per) * (n - 1) / n
     if kind == "ring":  # p2p: n-1 steps, K and V of one block each
         return blocks * (n - 1) * 2 * per
-    if kind == "usp":  # Ulysses over u = n / r on S/N tokens, ring over r blocks of S/r tokens, H/u heads
+    if (
+        kind == "usp"
+    ):  # Ulysses over u = n / r on S/N tokens, ring over r blocks of S/r tokens, H/u heads
         u = n // r
         return blocks * (4 * per * (u - 1) / u + (r - 1) * 2 * b * (h / u) * (s / r) * d * el)
     raise ValueError(kind)
@@ -67,14 +69,34 @@ def bytes_table(cfg):
     ]:
         m, kw = tiny.build("flux", **cfg)
         m = m.to(dt)
-        kw = {k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-        rep = explain(m, None, ParallelConfig(fp8_comm=fp8), world=n, mesh_shape=shape,
-                      mesh_dim_names=names, print_table=False, **kw)
+        kw = {
+            k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in kw.items()
+        }
+        rep = explain(
+            m,
+            None,
+            ParallelConfig(fp8_comm=fp8),
+            world=n,
+            mesh_shape=shape,
+            mesh_dim_names=names,
+            print_table=False,
+            **kw,
+        )
         counted = sum(b for k, _, b in rep.collectives if k != "all_gather_into_tensor")
         el = 2 if dt == torch.bfloat16 else 4
-        expect = formula(kind, s, n, h=cfg["heads"], d=cfg["head_dim"], el=el, blocks=blocks, fp8=fp8)
-        rows.append({"strategy": kind + ("+fp8" if fp8 else ""), "n": n, "dtype": str(dt),
-                     "counted_MB": counted / 1e6, "formula_MB": expect / 1e6})
+        expect = formula(
+            kind, s, n, h=cfg["heads"], d=cfg["head_dim"], el=el, blocks=blocks, fp8=fp8
+        )
+        rows.append(
+            {
+                "strategy": kind + ("+fp8" if fp8 else ""),
+                "n": n,
+                "dtype": str(dt),
+                "counted_MB": counted / 1e6,
+                "formula_MB": expect / 1e6,
+            }
+        )
     return rows
 
 
@@ -118,8 +140,14 @@ def _rank(rank, world, port, cfg, repeats, q):
         dist.barrier()
         t_graph = median_time(lambda: recorded["fn"](*recorded["args"]), repeats)
     if rank == 0:
-        q.put({"first_call_s": first, "forward_s": t_model, "graph_direct_s": t_graph,
-               "rss_growth_MB": grow / 1024})
+        q.put(
+            {
+                "first_call_s": first,
+                "forward_s": t_model,
+                "graph_direct_s": t_graph,
+                "rss_growth_MB": grow / 1024,
+            }
+        )
     dist.destroy_process_group()
 
 
@@ -140,8 +168,12 @@ def single(cfg, repeats):
         t0 = time.perf_counter()
         torch.compile(m, backend="eager", dynamic=False)(**kw)
         capture = time.perf_counter() - t0
-    return {"forward_s": best[0], "threads": best[1], "dynamo_capture_s": capture,
-            "rss_growth_MB": grow / 1024}
+    return {
+        "forward_s": best[0],
+        "threads": best[1],
+        "dynamo_capture_s": capture,
+        "rss_growth_MB": grow / 1024,
+    }
 
 
 def main():
@@ -155,11 +187,15 @@ def main():
     out = {"config": cfg, "bytes": bytes_table(cfg)}
     print(f"{'strategy':<14}{'N':>3}  {'dtype':<16}{'counted MB':>12}{'formula MB':>12}")
     for r in out["bytes"]:
-        print(f"{r['strategy']:<14}{r['n']:>3}  {r['dtype']:<16}{r['counted_MB']:>12.3f}{r['formula_MB']:>12.3f}")
+        print(
+            f"{r['strategy']:<14}{r['n']:>3}  {r['dtype']:<16}{r['counted_MB']:>12.3f}{r['formula_MB']:>12.3f}"
+        )
     out["single"] = single(cfg, args.repeats)
     s = out["single"]
-    print(f"\nsingle process: {s['forward_s'] * 1e3:.1f} ms ({s['threads']} thread(s)); plain Dynamo capture "
-          f"{s['dynamo_capture_s']:.1f} s; peak RSS growth in forward {s['rss_growth_MB']:.0f} MB")
+    print(
+        f"\nsingle process: {s['forward_s'] * 1e3:.1f} ms ({s['threads']} thread(s)); plain Dynamo capture "
+        f"{s['dynamo_capture_s']:.1f} s; peak RSS growth in forward {s['rss_growth_MB']:.0f} MB"
+    )
     out["ranks"] = {}
     for world in [int(w) for w in args.worlds.split(",")]:
         ctx = mp.get_context("spawn")
@@ -167,13 +203,17 @@ def main():
         with socket.socket() as sk:
             sk.bind(("127.0.0.1", 0))
             port = sk.getsockname()[1]
-        mp.start_processes(_rank, args=(world, port, cfg, args.repeats, q), nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _rank, args=(world, port, cfg, args.repeats, q), nprocs=world, start_method="spawn"
+        )
         r = q.get()
         out["ranks"][world] = r
-        print(f"N={world}: forward {r['forward_s'] * 1e3:.1f} ms (speedup {s['forward_s'] / r['forward_s']:.2f}x), "
-              f"first call {r['first_call_s']:.1f} s (capture + passes), graph called directly "
-              f"{r['graph_direct_s'] * 1e3:.1f} ms (overhead {(r['forward_s'] - r['graph_direct_s']) * 1e3:+.1f} ms), "
-              f"peak RSS growth {r['rss_growth_MB']:.0f} MB")
+        print(
+            f"N={world}: forward {r['forward_s'] * 1e3:.1f} ms (speedup {s['forward_s'] / r['forward_s']:.2f}x), "
+            f"first call {r['first_call_s']:.1f} s (capture + passes), graph called directly "
+            f"{r['graph_direct_s'] * 1e3:.1f} ms (overhead {(r['forward_s'] - r['graph_direct_s']) * 1e3:+.1f} ms), "
+            f"peak RSS growth {r['rss_growth_MB']:.0f} MB"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROTATE_BYTES = 512 * 2**20  # rotate inputs over at least this much memory (several L2s)
-SWEEP = [(rows, warps, hw) for rows in (16, 32, 64, 128) for warps in (4, 8) for hw in (False, True)]
+SWEEP = [
+    (rows, warps, hw) for rows in (16, 32, 64, 128) for warps in (4, 8) for hw in (False, True)
+]
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ class Result:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    p.add_argument("--shapes", nargs="+", default=["1,24,4096,128", "1,24,16384,128"], help="B,H,S,D")
+    p.add_argument(
+        "--shapes", nargs="+", default=["1,24,4096,128", "1,24,16384,128"], help="B,H,S,D"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--groups", type=int, default=8, help="all-to-all world size (H %% groups == 0)")
     p.add_argument("--peak-gbps", type=float, default=4800.0, help="H200 4800, H100 SXM 3350")
@@ -67,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def time_ms(
-    fn: Callable[[Tensor], Tensor], inputs: list[Tensor], warmup: int, iters: int, graph: bool = True
+    fn: Callable[[Tensor], Tensor],
+    inputs: list[Tensor],
+    warmup: int,
+    iters: int,
+    graph: bool = True,
 ) -> float:
     """Median milliseconds per call of ``fn`` over the rotated ``inputs``, with CUDA events.
 
@@ -120,7 +128,9 @@ def check_equal(x: Tensor, groups: int, hw_cast: bool) -> None:
     expected = fp8.quantize_reference(x, groups)
     if not torch.equal(packed, expected):
         on_cpu = fp8.quantize_reference(x.cpu(), groups)
-        diffs = [(p != e).sum().item() for p, e in ((packed.cpu(), on_cpu), (expected.cpu(), on_cpu))]
+        diffs = [
+            (p != e).sum().item() for p, e in ((packed.cpu(), on_cpu), (expected.cpu(), on_cpu))
+        ]
         raise SystemExit(
             f"MISMATCH: quantize {tuple(x.shape)} {x.dtype}: Triton != reference; bytes differing "
             f"from the CPU reference: Triton {diffs[0]}, CUDA reference {diffs[1]}"
@@ -130,7 +140,9 @@ def check_equal(x: Tensor, groups: int, hw_cast: bool) -> None:
         raise SystemExit(f"MISMATCH: dequantize {tuple(x.shape)} {x.dtype}: Triton != reference")
 
 
-def bench_shape(shape: tuple[int, int, int, int], args: argparse.Namespace, copy: float) -> list[Result]:
+def bench_shape(
+    shape: tuple[int, int, int, int], args: argparse.Namespace, copy: float
+) -> list[Result]:
     """Time every implementation / configuration for one shape."""
     dtype, groups = DTYPES[args.dtype], args.groups
     elt = torch.finfo(dtype).bits // 8
@@ -146,22 +158,37 @@ def bench_shape(shape: tuple[int, int, int, int], args: argparse.Namespace, copy
     configs: list[tuple[int | None, int | None, bool | None]] = [(None, None, None)] + sweep
     results = []
 
-    def record(op: str, impl: str, cfg: tuple, fn: Callable, inputs: list[Tensor], iters: int) -> None:
+    def record(
+        op: str, impl: str, cfg: tuple, fn: Callable, inputs: list[Tensor], iters: int
+    ) -> None:
         ms = time_ms(fn, inputs, min(args.warmup, iters), iters)
         gbps = nbytes / ms / 1e6
         frac_peak, frac_copy = gbps / args.peak_gbps, gbps / copy
-        results.append(Result(op, impl, shape, args.dtype, groups, *cfg, ms, gbps, frac_peak, frac_copy))
+        results.append(
+            Result(op, impl, shape, args.dtype, groups, *cfg, ms, gbps, frac_peak, frac_copy)
+        )
 
     for cfg in configs:
-        kw = {k: v for k, v in zip(("rows_per_program", "num_warps", "hw_cast"), cfg) if v is not None}
+        kw = {
+            k: v for k, v in zip(("rows_per_program", "num_warps", "hw_cast"), cfg) if v is not None
+        }
         quant = lambda x: fp8.quantize_triton(x, groups, **kw)  # noqa: E731
         dequant = lambda p: fp8.dequantize_triton(p, dtype, **kw)  # noqa: E731
         record("quantize", "triton", cfg, quant, xs, args.iters)
         record("dequantize", "triton", cfg, dequant, packs, args.iters)
     ref_iters = max(5, args.iters // 5)
     none = (None, None, None)
-    record("quantize", "reference", none, lambda x: fp8.quantize_reference(x, groups), xs, ref_iters)
-    record("dequantize", "reference", none, lambda p: fp8.dequantize_reference(p, dtype), packs, ref_iters)
+    record(
+        "quantize", "reference", none, lambda x: fp8.quantize_reference(x, groups), xs, ref_iters
+    )
+    record(
+        "dequantize",
+        "reference",
+        none,
+        lambda p: fp8.dequantize_reference(p, dtype),
+        packs,
+        ref_iters,
+    )
     return results
 
 

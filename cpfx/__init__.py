@@ -26,7 +26,16 @@ except Exception:  # noqa: BLE001 - logging setup must never break import
     pass
 
 __all__ = [
-    "ConfigError", "CpfxError", "ParallelConfig", "PassError", "RankDivergenceError",
-    "UnsupportedPatternError", "backend", "counters", "explain", "parallelize", "reset_counters",
+    "ConfigError",
+    "CpfxError",
+    "ParallelConfig",
+    "PassError",
+    "RankDivergenceError",
+    "UnsupportedPatternError",
+    "backend",
+    "counters",
+    "explain",
+    "parallelize",
+    "reset_counters",
     "sent_bytes_per_call",
 ]

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shape, names = (args.world,), (args.mesh,)
     cfg = ParallelConfig(ring_rotate=args.rotate, fp8_comm=args.fp8)
-    report = explain(model, None, cfg, world=args.world, mesh_shape=shape, mesh_dim_names=names,
-                     **inputs)
+    report = explain(
+        model, None, cfg, world=args.world, mesh_shape=shape, mesh_dim_names=names, **inputs
+    )
     if args.json:
         import dataclasses
 

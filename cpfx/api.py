@@ -65,8 +65,10 @@ def _set_timeouts(mesh: Any, timeout_s: float) -> None:
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     leaves = list(args) + [kwargs[k] for k in sorted(kwargs)]
-    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
-                 for x in leaves)
+    return tuple(
+        (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in leaves
+    )
 
 
 def _input_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -74,8 +76,11 @@ def _input_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     for x in list(args) + [kwargs[k] for k in sorted(kwargs)]:
         if isinstance(x, torch.Tensor):
             h.update(str((tuple(x.shape), x.dtype)).encode())
-            h.update(x.detach().to("cpu", torch.float64).sum().item().hex().encode()
-                     if x.numel() and (x.is_floating_point() or not x.is_complex()) else b"")
+            h.update(
+                x.detach().to("cpu", torch.float64).sum().item().hex().encode()
+                if x.numel() and (x.is_floating_point() or not x.is_complex())
+                else b""
+            )
         else:
             h.update(repr(x).encode())
     return h.hexdigest()[:16]

@@ -122,7 +122,9 @@ def seq_to_heads_fp8(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> 
         x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))
     packed = torch.ops.cpfx.fp8_quantize(x, U)  # [B, Hp, S_loc, D] -> u8 [U, S_loc, B, Hp/U, D+4]
     packed = packed.reshape(U * s_loc, B, hp // U, D + 4)
-    y = comm.all_to_all(packed, sizes, [s_loc] * U, spec.ulysses_group, role)  # u8 [S_blk, B, Hp/U, D+4]
+    y = comm.all_to_all(
+        packed, sizes, [s_loc] * U, spec.ulysses_group, role
+    )  # u8 [S_blk, B, Hp/U, D+4]
     y = y.reshape(1, sum(sizes), B, hp // U, D + 4)
     return torch.ops.cpfx.fp8_dequantize(y, spec.dtype)  # -> [B, Hp/U, S_blk, D]
 
@@ -168,8 +170,13 @@ def seq_to_heads_uneven(x, spec: AttnSpec, heads: int, role: str, fp8: bool = Fa
         rows, w = x.permute(2, 0, 1, 3), D  # [B, H, S_loc, D] -> [S_loc, B, H, D]
     offs = [sum(hs[:j]) for j in range(U)]
     buf = torch.cat([rows.narrow(2, offs[j], hs[j]).reshape(-1) for j in range(U)])
-    y = comm.all_to_all(buf, [n * B * me * w for n in sizes], [s_loc * B * h * w for h in hs],
-                        spec.ulysses_group, role)  # flat: peer j's [S_j, B, h_me, w] in order
+    y = comm.all_to_all(
+        buf,
+        [n * B * me * w for n in sizes],
+        [s_loc * B * h * w for h in hs],
+        spec.ulysses_group,
+        role,
+    )  # flat: peer j's [S_j, B, h_me, w] in order
     y = y.reshape(sum(sizes), B, me, w)
     if fp8:
         return torch.ops.cpfx.fp8_dequantize(y.reshape(1, sum(sizes), B, me, w), spec.dtype)
@@ -187,8 +194,13 @@ def heads_to_seq_uneven(y, spec: AttnSpec, fp8: bool = False):
         rows, w = torch.ops.cpfx.fp8_quantize(y, 1).reshape(-1), D + 4
     else:
         rows, w = y.permute(2, 0, 1, 3).contiguous().reshape(-1), D  # [S_blk, B, h_me, D]
-    x = comm.all_to_all(rows, [s_loc * B * h * w for h in hs], [n * B * me * w for n in sizes],
-                        spec.ulysses_group, "o")  # flat: peer j's [S_loc, B, h_j, w] in order
+    x = comm.all_to_all(
+        rows,
+        [s_loc * B * h * w for h in hs],
+        [n * B * me * w for n in sizes],
+        spec.ulysses_group,
+        "o",
+    )  # flat: peer j's [S_loc, B, h_j, w] in order
     counts = [s_loc * B * h * w for h in hs]
     parts = [x.narrow(0, sum(counts[:j]), counts[j]).reshape(s_loc, B, hs[j], w) for j in range(U)]
     x = torch.cat(parts, 2)  # -> [S_loc, B, H, w]
@@ -351,11 +363,11 @@ def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
     else:
         pieces = spec.block_pieces(spec.ring_index)
         m = local_mask(mask, spec, pieces, pieces)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=m, scale=spec.scale, enable_gqa=gqa
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=spec.scale, enable_gqa=gqa)
     if spec.ulysses > 1:
-        back = heads_to_seq_uneven(out, spec) if _uneven(spec, spec.heads) else heads_to_seq(out, spec)
+        back = (
+            heads_to_seq_uneven(out, spec) if _uneven(spec, spec.heads) else heads_to_seq(out, spec)
+        )
         out = tag(back, cpfx_a2a=("o", out, spec, spec.heads))
     return out
 

@@ -13,14 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cpfx.config import ParallelConfig
 from cpfx.context import PassContext
 from cpfx.debug import env_dump_dir
-from cpfx.errors import ConfigError
 from cpfx.mesh import MeshInfo, mesh_info
 from cpfx.pipeline import build_pipeline, run_passes
 
@@ -83,9 +81,18 @@ def compile_graph(
 def context_for(info: MeshInfo, config: ParallelConfig, **extra: Any) -> PassContext:
     """The pass context of this rank on `info`'s mesh."""
     return PassContext(
-        config=config, world=info.world, cp_rank=info.cp_rank, cp_group=info.cp_group,
-        ulysses=info.ulysses, ring=info.ring, ulysses_index=info.ulysses_index,
-        ring_index=info.ring_index, ulysses_group=info.ulysses_group, ring_group=info.ring_group,
-        ring_ranks=info.ring_ranks, device_type=info.device_type, check_group=info.check_group,
+        config=config,
+        world=info.world,
+        cp_rank=info.cp_rank,
+        cp_group=info.cp_group,
+        ulysses=info.ulysses,
+        ring=info.ring,
+        ulysses_index=info.ulysses_index,
+        ring_index=info.ring_index,
+        ulysses_group=info.ulysses_group,
+        ring_group=info.ring_group,
+        ring_ranks=info.ring_ranks,
+        device_type=info.device_type,
+        check_group=info.check_group,
         **extra,
     )

@@ -78,7 +78,9 @@ def gather_tokens(
         for start, n in layout.pieces(r):
             located.append((start, full.narrow(0, i * longest + off, n)))
             off += n
-    if all(n == longest for n in sizes) and [s for s, _ in located] == sorted(s for s, _ in located):
+    if all(n == longest for n in sizes) and [s for s, _ in located] == sorted(
+        s for s, _ in located
+    ):
         return full.movedim(0, dim)  # even shards already in global order: no reordering
     located.sort(key=lambda p: p[0])
     parts = [p for _, p in located]

@@ -28,7 +28,9 @@ def collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
         if n.op != "call_function":
             continue
         name = str(n.target)
-        if ("_c10d_functional" in name and "wait_tensor" not in name) or name.startswith("cpfx.ring_"):
+        if ("_c10d_functional" in name and "wait_tensor" not in name) or name.startswith(
+            "cpfx.ring_"
+        ):
             out.append(n)
     return out
 

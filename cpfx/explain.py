@@ -40,8 +40,11 @@ class Report:
         return sum(b for _, _, b in self.collectives)
 
     def table(self) -> str:
-        lines = [f"cpfx plan: world={self.world} mesh={self.mesh} strategies={self.strategy}", "",
-                 "sequence sharded at:"]
+        lines = [
+            f"cpfx plan: world={self.world} mesh={self.mesh} strategies={self.strategy}",
+            "",
+            "sequence sharded at:",
+        ]
         lines += [f"  {t:<28} dim {d}  len {n:<7} {src}" for t, d, n, src in self.sliced]
         lines += ["", "gathered before:"] + [f"  {t:<28} {src}" for t, src in self.gathered]
         lines += ["", "attention:"] + [f"  {s:<16} {src}" for s, src in self.attentions]
@@ -51,7 +54,9 @@ class Report:
             agg[(kind, role)][1] += b
         lines += ["", f"{'collective':<22}{'role':<8}{'count':>6}{'MB sent/rank':>14}"]
         lines += [f"{k:<22}{r:<8}{c:>6}{b / 1e6:>14.3f}" for (k, r), (c, b) in sorted(agg.items())]
-        lines.append(f"{'total':<36}{len(self.collectives):>6}{self.bytes_per_forward / 1e6:>14.3f}")
+        lines.append(
+            f"{'total':<36}{len(self.collectives):>6}{self.bytes_per_forward / 1e6:>14.3f}"
+        )
         return "\n".join(lines)
 
 
@@ -78,8 +83,9 @@ def explain(
         if mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh("cpu", mesh_shape or (dist.get_world_size(),),
-                                    mesh_dim_names=mesh_dim_names)
+            mesh = init_device_mesh(
+                "cpu", mesh_shape or (dist.get_world_size(),), mesh_dim_names=mesh_dim_names
+            )
         if fake:
             config = dataclasses.replace(config, check_collectives=False)
         be = cpfx.backend(mesh, config)
@@ -101,7 +107,10 @@ def explain(
             world=info.world,
             mesh={"ring": info.ring, "ulysses": info.ulysses},
             strategy=dict(cpfx.counters.get("lower_attention", {})),
-            sliced=[], gathered=[], attentions=[], collectives=[],
+            sliced=[],
+            gathered=[],
+            attentions=[],
+            collectives=[],
             counters={k: dict(v) for k, v in cpfx.counters.items()},
         )
         for gm in graphs:

@@ -14,7 +14,16 @@ SDPA_TARGETS = (
     torch._C._nn.scaled_dot_product_attention,
     torch.nn.functional.scaled_dot_product_attention,
 )
-SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_PARAMS = (
+    "query",
+    "key",
+    "value",
+    "attn_mask",
+    "dropout_p",
+    "is_causal",
+    "scale",
+    "enable_gqa",
+)
 SDPA_DEFAULTS: dict[str, Any] = {
     "attn_mask": None,
     "dropout_p": 0.0,
@@ -113,7 +122,5 @@ def tag(x: Any, **meta: Any) -> Any:
 
 def getitem_users(n: fx.Node) -> dict[int, fx.Node]:
     return {
-        u.args[1]: u
-        for u in n.users
-        if u.op == "call_function" and u.target is operator.getitem
+        u.args[1]: u for u in n.users if u.op == "call_function" and u.target is operator.getitem
     }

@@ -65,7 +65,9 @@ def mesh_info(mesh: Any, config: ParallelConfig) -> MeshInfo:
         )
     sizes = dict(zip(names, mesh.shape))
     if names == ("ulysses", "ring"):
-        raise ConfigError("cpfx: order the mesh dims as ('ring', 'ulysses'): Ulysses is the inner dim")
+        raise ConfigError(
+            "cpfx: order the mesh dims as ('ring', 'ulysses'): Ulysses is the inner dim"
+        )
     flat = mesh.mesh.flatten().tolist()
     if flat != list(range(world)):
         raise ConfigError(f"cpfx: the mesh must list ranks 0..{world - 1} in order; got {flat}")
@@ -82,7 +84,16 @@ def mesh_info(mesh: Any, config: ParallelConfig) -> MeshInfo:
 
         check_group = make_check_group(list(range(world)), config.timeout_s) if world > 1 else None
     return MeshInfo(
-        world=world, cp_rank=rank, cp_group=dist.group.WORLD.group_name, ulysses=U, ring=R,
-        ulysses_index=u, ring_index=r, ulysses_group=group("ulysses"), ring_group=group("ring"),
-        ring_ranks=ring_ranks, device_type=mesh.device_type, check_group=check_group,
+        world=world,
+        cp_rank=rank,
+        cp_group=dist.group.WORLD.group_name,
+        ulysses=U,
+        ring=R,
+        ulysses_index=u,
+        ring_index=r,
+        ulysses_group=group("ulysses"),
+        ring_group=group("ring"),
+        ring_ranks=ring_ranks,
+        device_type=mesh.device_type,
+        check_group=check_group,
     )

@@ -58,8 +58,10 @@ def run_passes(
     skip = set(ctx.config.skip_passes)
     bad = skip & set(REQUIRED)
     if bad:
-        raise CpfxError(f"cannot skip required passes {sorted(bad)}; skippable: "
-                        f"{[n for n, _ in passes if n not in REQUIRED]}")
+        raise CpfxError(
+            f"cannot skip required passes {sorted(bad)}; skippable: "
+            f"{[n for n, _ in passes if n not in REQUIRED]}"
+        )
     dump = ctx.config.dump_dir
     active = [n for n, _ in passes if n not in skip]
     # meta["val"] is re-propagated (about as costly as one fake forward) only where it is read:
@@ -91,8 +93,10 @@ def run_passes(
         dt = time.perf_counter() - t0
         n_after = len(gm.graph.nodes)
         c_after = len(debug.collective_nodes(gm))
-        header = (f"pass {i}: {name}  {dt * 1e3:.1f} ms  nodes {n_before} -> {n_after}  "
-                  f"collectives {c_before} -> {c_after}")
+        header = (
+            f"pass {i}: {name}  {dt * 1e3:.1f} ms  nodes {n_before} -> {n_after}  "
+            f"collectives {c_before} -> {c_after}"
+        )
         log.info(header)
         if dump:
             debug.write_dump(dump, rank, ctx.graph_id, i, name, gm, header)

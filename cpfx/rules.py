@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,13 +20,75 @@ from cpfx.graph_utils import is_sdpa, op_name, sdpa_args, val
 
 # Ops whose output element depends only on the same element of each (broadcast) input.
 _POINTWISE_EXTRA = {
-    "add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pow", "abs", "eq", "ne", "lt", "le",
-    "gt", "ge", "and_", "or_", "xor", "invert", "not_", "float", "double", "half", "bfloat16",
-    "int", "long", "bool", "to", "type", "contiguous", "clone", "detach", "dropout", "gelu", "silu",
-    "relu", "sigmoid", "tanh", "exp", "log", "cos", "sin", "rsqrt", "sqrt", "where", "masked_fill",
-    "clamp", "clamp_min", "clamp_max", "erf", "reciprocal", "square", "logical_not", "logical_and",
-    "logical_or", "type_as", "mish", "softplus", "leaky_relu", "hardswish", "elu", "lerp",
-    "nan_to_num", "sign", "addcmul", "addcdiv", "float_power", "real", "imag",
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "neg",
+    "pow",
+    "abs",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and_",
+    "or_",
+    "xor",
+    "invert",
+    "not_",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "int",
+    "long",
+    "bool",
+    "to",
+    "type",
+    "contiguous",
+    "clone",
+    "detach",
+    "dropout",
+    "gelu",
+    "silu",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "exp",
+    "log",
+    "cos",
+    "sin",
+    "rsqrt",
+    "sqrt",
+    "where",
+    "masked_fill",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "erf",
+    "reciprocal",
+    "square",
+    "logical_not",
+    "logical_and",
+    "logical_or",
+    "type_as",
+    "mish",
+    "softplus",
+    "leaky_relu",
+    "hardswish",
+    "elu",
+    "lerp",
+    "nan_to_num",
+    "sign",
+    "addcmul",
+    "addcdiv",
+    "float_power",
+    "real",
+    "imag",
 }
 _LIKE_FACTORIES = {"empty_like", "zeros_like", "ones_like", "full_like"}
 _SHAPE_ONLY_ARGS = {"type_as": (1,)}  # args whose values are not read, only their dtype
@@ -119,8 +180,11 @@ def _view_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], li
         gi, gj = [], []
         pa = pb = 1
         while True:
-            if pa == pb and (gi or gj) and (pa != 1 or i >= len(a) or j >= len(b)
-                                            or (a[i] != 1 and b[j] != 1)):
+            if (
+                pa == pb
+                and (gi or gj)
+                and (pa != 1 or i >= len(a) or j >= len(b) or (a[i] != 1 and b[j] != 1))
+            ):
                 break
             if (pa <= pb and i < len(a)) or j >= len(b):
                 pa *= a[i]
@@ -333,9 +397,8 @@ def _as_list(x: Any) -> list[Any]:
 
 def is_inplace(node: fx.Node) -> bool:
     name = op_name(node)
-    return name == "setitem" or (
-        node.op == "call_method" and name.endswith("_") and not name.startswith("_")
-    ) or name in ("iadd", "imul", "isub", "itruediv")
-
-
-ITEMGETTER = operator.getitem
+    return (
+        name == "setitem"
+        or (node.op == "call_method" and name.endswith("_") and not name.startswith("_"))
+        or name in ("iadd", "imul", "isub", "itruediv")
+    )

@@ -25,12 +25,18 @@ def build(args: argparse.Namespace):
     torch.manual_seed(0)
     hd = args.head_dim
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=args.layers, num_single_layers=args.layers,
-        attention_head_dim=hd, num_attention_heads=args.heads, joint_attention_dim=256,
-        pooled_projection_dim=64, axes_dims_rope=(hd // 4, hd * 3 // 8, hd * 3 // 8),
+        patch_size=1,
+        in_channels=64,
+        num_layers=args.layers,
+        num_single_layers=args.layers,
+        attention_head_dim=hd,
+        num_attention_heads=args.heads,
+        joint_attention_dim=256,
+        pooled_projection_dim=64,
+        axes_dims_rope=(hd // 4, hd * 3 // 8, hd * 3 // 8),
     ).eval()
     g = torch.Generator().manual_seed(1)
-    side = int(args.image_tokens ** 0.5)
+    side = int(args.image_tokens**0.5)
     ids = torch.zeros(args.image_tokens, 3)
     ids[:, 1] = torch.arange(args.image_tokens) // side
     ids[:, 2] = torch.arange(args.image_tokens) % side
@@ -38,7 +44,9 @@ def build(args: argparse.Namespace):
         hidden_states=torch.randn(1, args.image_tokens, 64, generator=g),
         encoder_hidden_states=torch.randn(1, args.text_tokens, 256, generator=g),
         pooled_projections=torch.randn(1, 64, generator=g),
-        timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(args.text_tokens, 3),
+        timestep=torch.tensor([0.5]),
+        img_ids=ids,
+        txt_ids=torch.zeros(args.text_tokens, 3),
         return_dict=False,
     )
     return model, inputs
@@ -88,16 +96,21 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, ref: torch.Tensor,
         dist.barrier()
         t = timed(lambda: model(**inputs), args.repeats)
     if rank == 0:
-        q.put({
-            "max_abs": (out - ref).abs().max().item(),
-            "time": t, "compile_s": compile_s,
-            "sent_bytes": cpfx.sent_bytes_per_call(model),
-        })
+        q.put(
+            {
+                "max_abs": (out - ref).abs().max().item(),
+                "time": t,
+                "compile_s": compile_s,
+                "sent_bytes": cpfx.sent_bytes_per_call(model),
+            }
+        )
     dist.destroy_process_group()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--mesh", choices=["ulysses", "ring", "usp"], default="ulysses")
     p.add_argument("--rotate", choices=["p2p", "allgather"], default="p2p")
@@ -116,15 +129,24 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(rank_main, args=(args, port, ref, q), nprocs=args.world, start_method="spawn")
+    mp.start_processes(
+        rank_main, args=(args, port, ref, q), nprocs=args.world, start_method="spawn"
+    )
     r = q.get()
     tokens = args.image_tokens + args.text_tokens
-    print(f"cpfx demo: FluxTransformer2DModel (tiny, random), {tokens} tokens, "
-          f"{args.world} gloo ranks, mesh={args.mesh}" + (f", rotate={args.rotate}" if args.mesh != "ulysses" else ""))
+    print(
+        f"cpfx demo: FluxTransformer2DModel (tiny, random), {tokens} tokens, "
+        f"{args.world} gloo ranks, mesh={args.mesh}"
+        + (f", rotate={args.rotate}" if args.mesh != "ulysses" else "")
+    )
     print(f"  max |cpfx - single process|   {r['max_abs']:.3e}")
-    print(f"  single process forward        {t_single * 1e3:8.1f} ms  ({threads} thread(s), best of 1 and 2)")
-    print(f"  cpfx forward ({args.world} ranks x 1 thread) {r['time'] * 1e3:8.1f} ms  "
-          f"(ratio {t_single / r['time']:.2f}x; first call incl. capture {r['compile_s']:.1f} s)")
+    print(
+        f"  single process forward        {t_single * 1e3:8.1f} ms  ({threads} thread(s), best of 1 and 2)"
+    )
+    print(
+        f"  cpfx forward ({args.world} ranks x 1 thread) {r['time'] * 1e3:8.1f} ms  "
+        f"(ratio {t_single / r['time']:.2f}x; first call incl. capture {r['compile_s']:.1f} s)"
+    )
     print(f"  bytes sent per rank/forward   {r['sent_bytes'] / 1e6:8.2f} MB")
     ok = r["max_abs"] <= 1e-4
     print("  parity:", "OK" if ok else "MISMATCH")

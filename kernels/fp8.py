@@ -290,7 +290,9 @@ def _fp8_quantize_kernel(
     nib = tl.arange(0, 4)  # the 4 little-endian bytes of the fp32 scale
     scale_bits = scale.to(tl.int32, bitcast=True)
     scale_bytes = (scale_bits[:, None] >> (nib[None, :] * 8)) & 0xFF
-    tl.store(out_ptr + dst[:, None] + D + nib[None, :], scale_bytes.to(tl.uint8), mask=row_ok[:, None])
+    tl.store(
+        out_ptr + dst[:, None] + D + nib[None, :], scale_bytes.to(tl.uint8), mask=row_ok[:, None]
+    )
 
 
 @_jit

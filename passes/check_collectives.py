@@ -79,8 +79,10 @@ def compare(seqs: list[list[str]]) -> str | None:
             a = ref[i] if i < len(ref) else "<end>"
             b = seq[i] if i < len(seq) else "<end>"
             if a != b:
-                return (f"collective #{i}: rank 0 issues {a}, rank {r} issues {b} "
-                        f"(rank 0 has {len(ref)} collectives, rank {r} has {len(seq)})")
+                return (
+                    f"collective #{i}: rank 0 issues {a}, rank {r} issues {b} "
+                    f"(rank 0 has {len(ref)} collectives, rank {r} has {len(seq)})"
+                )
     return None
 
 

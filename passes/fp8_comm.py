@@ -66,16 +66,29 @@ def fp8_comm_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             )
         uneven = spec.head_padding == "uneven" and heads % spec.ulysses != 0
         if role == "o" and uneven:
-            new = splice(gm.graph, end, heads_to_seq_uneven, [src, spec, True], origin=end,
-                         pass_name=PASS)
+            new = splice(
+                gm.graph, end, heads_to_seq_uneven, [src, spec, True], origin=end, pass_name=PASS
+            )
         elif role == "o":
             new = splice(gm.graph, end, heads_to_seq_fp8, [src, spec], origin=end, pass_name=PASS)
         elif uneven:
-            new = splice(gm.graph, end, seq_to_heads_uneven, [src, spec, heads, role, True],
-                         origin=end, pass_name=PASS)
+            new = splice(
+                gm.graph,
+                end,
+                seq_to_heads_uneven,
+                [src, spec, heads, role, True],
+                origin=end,
+                pass_name=PASS,
+            )
         else:
-            new = splice(gm.graph, end, seq_to_heads_fp8, [src, spec, heads, role], origin=end,
-                         pass_name=PASS)
+            new = splice(
+                gm.graph,
+                end,
+                seq_to_heads_fp8,
+                [src, spec, heads, role],
+                origin=end,
+                pass_name=PASS,
+            )
         end.replace_all_uses_with(new)
         _erase_chain(gm.graph, end, src)
         counters[PASS][role] += 1

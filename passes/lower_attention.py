@@ -42,13 +42,27 @@ def make_spec(site, ctx: PassContext) -> AttnSpec:
         # with fewer heads than ranks some ranks would get none: pad instead.
         mode = "uneven" if min(site.heads, site.kv_heads) >= ctx.ulysses else "pad"
     return AttnSpec(
-        layout=site.layout, batch=site.batch, heads=site.heads, kv_heads=site.kv_heads,
-        head_dim=site.head_dim, scale=site.scale, enable_gqa=site.enable_gqa,
-        device_type=ctx.device_type, cp_rank=ctx.cp_rank, ulysses=ctx.ulysses, ring=ctx.ring,
-        ulysses_index=ctx.ulysses_index, ring_index=ctx.ring_index,
-        ulysses_group=ctx.ulysses_group, ring_group=ctx.ring_group,
-        ring_rotate=ctx.config.ring_rotate, head_padding=mode, ring_ranks=ctx.ring_ranks,
-        dtype=site.dtype, mask_shape=site.mask_shape, mask_ndim=site.mask_ndim,
+        layout=site.layout,
+        batch=site.batch,
+        heads=site.heads,
+        kv_heads=site.kv_heads,
+        head_dim=site.head_dim,
+        scale=site.scale,
+        enable_gqa=site.enable_gqa,
+        device_type=ctx.device_type,
+        cp_rank=ctx.cp_rank,
+        ulysses=ctx.ulysses,
+        ring=ctx.ring,
+        ulysses_index=ctx.ulysses_index,
+        ring_index=ctx.ring_index,
+        ulysses_group=ctx.ulysses_group,
+        ring_group=ctx.ring_group,
+        ring_rotate=ctx.config.ring_rotate,
+        head_padding=mode,
+        ring_ranks=ctx.ring_ranks,
+        dtype=site.dtype,
+        mask_shape=site.mask_shape,
+        mask_ndim=site.mask_ndim,
         mask_is_bool=site.mask_is_bool,
     )
 
@@ -61,8 +75,12 @@ def lower_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         site = n.meta["cpfx_attn"]
         spec = make_spec(site, ctx)
         if site.heads < ctx.ulysses and spec.head_padding == "uneven":
-            log.info("%s: %d heads on %d Ulysses ranks: some ranks get no head",
-                     site.where, site.heads, ctx.ulysses)
+            log.info(
+                "%s: %d heads on %d Ulysses ranks: some ranks get no head",
+                site.where,
+                site.heads,
+                ctx.ulysses,
+            )
         q, k, v, mask = n.args
         out = splice(gm.graph, n, cp_attention, [q, k, v, mask, spec], origin=n, pass_name=PASS)
         out.meta["cpfx_strategy"] = name

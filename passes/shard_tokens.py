@@ -34,7 +34,7 @@ from cpfx import comm, rules
 from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.errors import UnsupportedPatternError
-from cpfx.graph_utils import is_sdpa, op_name, sdpa_args, splice, val
+from cpfx.graph_utils import SDPA_PARAMS, is_sdpa, op_name, sdpa_args, splice, val
 from cpfx.layout import Layout
 import cpfx.ops  # noqa: F401  (registers torch.ops.cpfx.sharded_attention)
 
@@ -122,7 +122,11 @@ def _producers(n: fx.Node, d: int) -> list[tuple[fx.Node, int]]:
         for x in rules.data_args(tup):
             for dx in _big_dims(x):
                 r = rules.out_dim(tup, x, dx)
-                if isinstance(r, list) and r[i] == d and rules.shape_of(x)[dx] == rules.shape_of(n)[d]:
+                if (
+                    isinstance(r, list)
+                    and r[i] == d
+                    and rules.shape_of(x)[dx] == rules.shape_of(n)[d]
+                ):
                     out.append((x, dx))
         return out
     if op_name(n) in ("cat", "concat", "concatenate"):
@@ -183,7 +187,9 @@ class _Sharder:
         key = (x, dim, layout)
         if key not in self.slices:
             pieces = layout.pieces(self.ctx.cp_rank)
-            s = splice(self.g, before, comm.take_pieces, [x, dim, pieces], origin=before, pass_name=PASS)
+            s = splice(
+                self.g, before, comm.take_pieces, [x, dim, pieces], origin=before, pass_name=PASS
+            )
             s.meta["val"] = val(x)  # rules reason on global shapes until the pass ends
             self.state[s] = Shard(dim, layout)
             self.slices[key] = s
@@ -197,9 +203,12 @@ class _Sharder:
             shape[sh.dim] = self.local(sh.layout)
             ctx = self.ctx
             g = splice(
-                self.g, before, comm.gather_tokens,
+                self.g,
+                before,
+                comm.gather_tokens,
                 [x, sh.dim, sh.layout, ctx.cp_ranks, ctx.cp_group, shape],
-                origin=before, pass_name=PASS,
+                origin=before,
+                pass_name=PASS,
             )
             g.meta["val"] = val(x)
             g.meta["cpfx_plan"] = ("gather", x.name, f"{before.name}: {where(before)}")
@@ -221,8 +230,15 @@ class _Sharder:
         anchor = n
         if n.op == "placeholder":  # keep the placeholders together at the top
             anchor = [p for p in self.g.nodes if p.op == "placeholder"][-1]
-        s = splice(self.g, anchor, comm.take_pieces, [n, dim, layout.pieces(self.ctx.cp_rank)],
-                   after=True, origin=n, pass_name=PASS)
+        s = splice(
+            self.g,
+            anchor,
+            comm.take_pieces,
+            [n, dim, layout.pieces(self.ctx.cp_rank)],
+            after=True,
+            origin=n,
+            pass_name=PASS,
+        )
         s.meta["val"] = val(n)
         s.meta["cpfx_plan"] = ("seed", n.name, dim, size)
         self.state[s] = Shard(dim, layout)
@@ -396,7 +412,11 @@ class _Sharder:
     def split(self, n: fx.Node, sh: Shard) -> list[Shard]:
         glob = sh.layout.global_size
         name = op_name(n)
-        arg1 = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size_or_sections", n.kwargs.get("split_size"))
+        arg1 = (
+            n.args[1]
+            if len(n.args) > 1
+            else n.kwargs.get("split_size_or_sections", n.kwargs.get("split_size"))
+        )
         if name == "chunk":
             size = -(-glob // arg1)
             sizes = [min(size, glob - i) for i in range(0, glob, size)]
@@ -456,7 +476,9 @@ class _Sharder:
                     )
                 n.replace_input_with(value, self.slice_(value, d, sub, n))
         elif vs is not None and vs.layout != sub:
-            raise UnsupportedPatternError(f"shard_tokens: mismatched token layouts in setitem at {where(n)}")
+            raise UnsupportedPatternError(
+                f"shard_tokens: mismatched token layouts in setitem at {where(n)}"
+            )
         return None
 
     def sdpa(self, n: fx.Node) -> Shard | None:
@@ -515,8 +537,12 @@ class _Sharder:
             )
         site = AttnSite(
             layout=sq.layout,
-            batch=qs[0], heads=qs[1], kv_heads=ks[1], head_dim=qs[3],
-            scale=a["scale"], enable_gqa=bool(a["enable_gqa"]),
+            batch=qs[0],
+            heads=qs[1],
+            kv_heads=ks[1],
+            head_dim=qs[3],
+            scale=a["scale"],
+            enable_gqa=bool(a["enable_gqa"]),
             dtype=val(q).dtype,
             mask_shape=None if mshape is None else (1,) * (4 - len(mshape)) + tuple(mshape),
             mask_ndim=0 if mshape is None else len(mshape),
@@ -532,7 +558,9 @@ class _Sharder:
             p = self.g.call_function(
                 torch.ops.cpfx.sharded_attention.default, (q, k, v, mask if mshape else None)
             )
-        p.meta.update({k2: v2 for k2, v2 in n.meta.items() if k2 in ("stack_trace", "nn_module_stack")})
+        p.meta.update(
+            {k2: v2 for k2, v2 in n.meta.items() if k2 in ("stack_trace", "nn_module_stack")}
+        )
         p.meta["cpfx_attn"] = site
         p.meta["val"] = val(n)
         p.meta["cpfx_pass"] = PASS
@@ -542,8 +570,6 @@ class _Sharder:
 
 
 def _set_sdpa_arg(n: fx.Node, name: str, value: Any) -> None:
-    from cpfx.graph_utils import SDPA_PARAMS
-
     i = SDPA_PARAMS.index(name)
     if len(n.args) > i:
         args = list(n.args)

@@ -42,7 +42,10 @@ def rewrite(
     cpfx.reset_counters()
     m, kw = build(model, **(model_kwargs or {}))
     m = m.to(dtype)
-    kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    kw = {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in kw.items()
+    }
     graphs: list[fx.GraphModule] = []
     with fake_world(world, rank):
         mesh = init_device_mesh("cpu", mesh_shape or (world,), mesh_dim_names=mesh_names)
@@ -63,7 +66,9 @@ def rewrite(
 
 
 def roles(gm: fx.GraphModule, kind: str = "all_to_all") -> list[str]:
-    return [n.meta.get("cpfx_role") for n in gm.graph.nodes if n.meta.get("cpfx_collective") == kind]
+    return [
+        n.meta.get("cpfx_role") for n in gm.graph.nodes if n.meta.get("cpfx_collective") == kind
+    ]
 
 
 def payload_bytes(gm: fx.GraphModule, kind: str = "all_to_all") -> dict[str, int]:

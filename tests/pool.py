@@ -53,7 +53,9 @@ class Pool:
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(
+                target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=True
+            )
             for r in range(world)
         ]
         for p in self.procs:

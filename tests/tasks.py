@@ -47,7 +47,10 @@ def parity(
     m, kw = build(model, **(model_kwargs or {}))
     dt = getattr(torch, dtype)
     m = m.to(dt)
-    kw = {k: (v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    kw = {
+        k: (v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in kw.items()
+    }
     with torch.no_grad():
         ref = _first(m(**kw)).float()
     mesh = make_mesh(mesh_shape or (dist.get_world_size(),), mesh_names)
@@ -128,8 +131,9 @@ def different_inputs() -> str:
 
     _fresh()
     m, kw = build("flux", seed=dist.get_rank())  # rank-dependent inputs: a user error
-    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ulysses",)),
-                     cpfx.ParallelConfig(check_inputs=True))
+    cpfx.parallelize(
+        m, make_mesh((dist.get_world_size(),), ("ulysses",)), cpfx.ParallelConfig(check_inputs=True)
+    )
     try:
         with torch.no_grad():
             m(**kw)
@@ -149,20 +153,42 @@ def flux_pipeline(steps: int = 3) -> dict[str, float]:
     m, _ = build("flux", img=64, txt=8)
     torch.manual_seed(2)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=1, norm_num_groups=4, sample_size=32, shift_factor=0.0, scaling_factor=1.0,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=4,
+        sample_size=32,
+        shift_factor=0.0,
+        scaling_factor=1.0,
     )
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=m)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=m,
+    )
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     emb, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
 
     def run():
-        return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, height=32, width=32,
-                    num_inference_steps=steps, guidance_scale=1.0, output_type="pt",
-                    generator=torch.Generator().manual_seed(1)).images
+        return pipe(
+            prompt_embeds=emb,
+            pooled_prompt_embeds=pooled,
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(1),
+        ).images
 
     with torch.no_grad():
         ref = run()
@@ -196,8 +222,11 @@ def compiled(mode: str) -> dict[str, float]:
             out = m(**kw)[0]
         else:
             out = torch.compile(m, backend="cpfx", dynamic=False)(**kw)[0]
-    return {"vs_eager": (out - eager).abs().max().item(), "max_abs": (out - ref).abs().max().item(),
-            "a2a": cpfx.counters["lower_attention"]["ulysses"]}
+    return {
+        "vs_eager": (out - eager).abs().max().item(),
+        "max_abs": (out - ref).abs().max().item(),
+        "a2a": cpfx.counters["lower_attention"]["ulysses"],
+    }
 
 
 class GQAAttention(torch.nn.Module):
@@ -216,11 +245,14 @@ class GQAAttention(torch.nn.Module):
         k = self.k(x).unflatten(-1, (self.kv, self.d)).transpose(1, 2)
         v = self.v(x).unflatten(-1, (self.kv, self.d)).transpose(1, 2)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True, scale=0.3)
+            q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True, scale=0.3
+        )
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-def gqa_parity(heads: int, kv_heads: int, tokens: int = 30, names: tuple[str, ...] = ("ulysses",)) -> float:
+def gqa_parity(
+    heads: int, kv_heads: int, tokens: int = 30, names: tuple[str, ...] = ("ulysses",)
+) -> float:
     import cpfx
 
     _fresh()
@@ -243,7 +275,9 @@ def ring_leaves_nothing_pending() -> int:
 
     _fresh()
     m, kw = build("flux")
-    cpfx.parallelize(m, make_mesh((dist.get_world_size(),), ("ring",)), cpfx.ParallelConfig(ring_rotate="p2p"))
+    cpfx.parallelize(
+        m, make_mesh((dist.get_world_size(),), ("ring",)), cpfx.ParallelConfig(ring_rotate="p2p")
+    )
     with torch.no_grad():
         m(**kw)
     return len(p2p._pending_sends)

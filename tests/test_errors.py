@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import cpfx
-from tests.graphs import fake_world, rewrite
+from tests.graphs import fake_world
 from tests.pool import Pool
 
 
@@ -110,7 +110,9 @@ def test_recompile_cap():
 def test_divergent_ranks_raise_instead_of_hanging(pools):
     res = pools(2).run("tests.tasks:diverging_graphs", timeout=300)
     for r in res:
-        assert r.startswith("RankDivergenceError") and "ring_send_recv" in r and "all_gather" in r, r
+        assert (
+            r.startswith("RankDivergenceError") and "ring_send_recv" in r and "all_gather" in r
+        ), r
 
 
 def test_rank_death_raises_within_timeout():

@@ -16,10 +16,15 @@ def test_fp8_rewrites_q_v_o_not_k():
     assert dict(cpfx.counters["fp8_comm"]) == {"q": 2, "v": 2, "o": 2}
     dtypes = collections.Counter(
         (n.meta["cpfx_role"], n.args[0].meta["val"].dtype)
-        for n in gm.graph.nodes if n.meta.get("cpfx_collective") == "all_to_all"
+        for n in gm.graph.nodes
+        if n.meta.get("cpfx_collective") == "all_to_all"
     )
-    assert dtypes == {("q", torch.uint8): 2, ("v", torch.uint8): 2, ("o", torch.uint8): 2,
-                      ("k", torch.float32): 2}
+    assert dtypes == {
+        ("q", torch.uint8): 2,
+        ("v", torch.uint8): 2,
+        ("o", torch.uint8): 2,
+        ("k", torch.float32): 2,
+    }
     quant = [n for n in gm.graph.nodes if "fp8_quantize" in str(n.target)]
     assert len(quant) == 6
 
@@ -48,11 +53,19 @@ FP8_REL_L2 = {"flux": 5e-3, "qwen": 5e-3, "z_image": 1.5e-2}
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model,dtype", [
-    ("flux", "float32"), ("qwen", "float32"), ("z_image", "float32"), ("flux", "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "model,dtype",
+    [
+        ("flux", "float32"),
+        ("qwen", "float32"),
+        ("z_image", "float32"),
+        ("flux", "bfloat16"),
+    ],
+)
 def test_fp8_parity(pools, model, dtype, world):
-    res = pools(world).run("tests.tasks:parity", model=model, dtype=dtype, config={"fp8_comm": True})
+    res = pools(world).run(
+        "tests.tasks:parity", model=model, dtype=dtype, config={"fp8_comm": True}
+    )
     for r in res:
         bound = FP8_REL_L2[model] if dtype == "float32" else 2e-2
         assert r["rel_l2"] <= bound, r

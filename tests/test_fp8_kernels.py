@@ -73,7 +73,9 @@ def tie_rows(D: int = 64) -> Tensor:
     """Rows whose amax is 448 (scale 1): grid points, midpoints (ties) and their fp32 neighbours."""
     grid = e4m3_grid()
     mid = (grid[1:] + grid[:-1]) / 2
-    values = torch.cat([grid, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e3))])
+    values = torch.cat(
+        [grid, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e3))]
+    )
     values = torch.cat([values, -values, torch.tensor([1e-45, 2.0**-126, 2.0**-10, 3 * 2.0**-10])])
     per_row = D - 1
     values = torch.nn.functional.pad(values, (0, -len(values) % per_row))
@@ -139,7 +141,9 @@ def interpreter_inputs() -> dict[str, object]:
     """Everything the interpreter subprocess runs: quantize inputs and dequantize inputs."""
     quant = [(random_input(c[:4], c[5], seed=i), c[4]) for i, c in enumerate(CASES)]
     quant.append((special_input(), 2))
-    strided = random_input((2, 8, 6, 24), torch.float32, 9).transpose(1, 2).contiguous().transpose(1, 2)
+    strided = (
+        random_input((2, 8, 6, 24), torch.float32, 9).transpose(1, 2).contiguous().transpose(1, 2)
+    )
     quant.append((strided, 2))
     deq = [(fp8.quantize_reference(x, g), x.dtype) for x, g in quant[: len(CASES)]]
     deq += [(all_bytes_packed(), dt) for dt in DTYPES]
@@ -152,7 +156,9 @@ def interpreter_inputs() -> dict[str, object]:
 
 
 @pytest.mark.parametrize("B,H,S,D,groups,dtype", CASES + [(1, 8, 4, 8, 8, torch.float32)])
-def test_reference_round_trip(B: int, H: int, S: int, D: int, groups: int, dtype: torch.dtype) -> None:
+def test_reference_round_trip(
+    B: int, H: int, S: int, D: int, groups: int, dtype: torch.dtype
+) -> None:
     x = random_input((B, H, S, D), dtype, seed=1)
     packed = fp8.quantize_reference(x, groups)
     assert packed.shape == (groups, S, B, H // groups, D + 4) and packed.dtype == torch.uint8

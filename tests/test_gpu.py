@@ -14,18 +14,37 @@ pytestmark = pytest.mark.gpu
 
 def _spec(dtype, mask_shape):
     return AttnSpec(
-        layout=Layout.simple(96, 1), batch=1, heads=4, kv_heads=4, head_dim=64, scale=None,
-        enable_gqa=False, device_type="cuda", cp_rank=0, ulysses=1, ring=2, ulysses_index=0,
-        ring_index=0, ulysses_group="", ring_group="", dtype=dtype, mask_shape=mask_shape,
-        mask_ndim=4, mask_is_bool=True,
+        layout=Layout.simple(96, 1),
+        batch=1,
+        heads=4,
+        kv_heads=4,
+        head_dim=64,
+        scale=None,
+        enable_gqa=False,
+        device_type="cuda",
+        cp_rank=0,
+        ulysses=1,
+        ring=2,
+        ulysses_index=0,
+        ring_index=0,
+        ulysses_group="",
+        ring_group="",
+        dtype=dtype,
+        mask_shape=mask_shape,
+        mask_ndim=4,
+        mask_is_bool=True,
     )
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
 def test_ring_blocks_with_lse_match_sdpa_on_cuda(dtype, tol):
     """Ring's CUDA path (efficient attention with log-sum-exp) over two uneven K/V blocks."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 4, n, 64, device="cuda", generator=g, dtype=dtype) for n in (64, 96, 96))
+    q, k, v = (
+        torch.randn(1, 4, n, 64, device="cuda", generator=g, dtype=dtype) for n in (64, 96, 96)
+    )
     mask = torch.rand(1, 1, 64, 96, device="cuda", generator=g) > 0.3
     mask[..., 40:] = False  # the second block is fully masked for some rows' keys
     mask[..., 0, :] = False
@@ -34,6 +53,8 @@ def test_ring_blocks_with_lse_match_sdpa_on_cuda(dtype, tol):
     spec = _spec(dtype, (1, 1, 64, 96))
     acc = lse = None
     for lo, hi in ((0, 40), (40, 96)):
-        o, l = attention_lse(q, k[:, :, lo:hi], v[:, :, lo:hi], mask[..., lo:hi], spec, (1, 4, 64, hi - lo))
+        o, l = attention_lse(
+            q, k[:, :, lo:hi], v[:, :, lo:hi], mask[..., lo:hi], spec, (1, 4, 64, hi - lo)
+        )
         acc, lse = merge_lse(acc, lse, o, l)
     torch.testing.assert_close(acc.to(dtype), ref, atol=tol, rtol=tol)

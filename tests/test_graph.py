@@ -71,7 +71,10 @@ def test_dumps_written(tmp_path: Path):
     assert files[0] == "00_captured.py"
     assert "01_shard_tokens.py" in files and "02_lower_attention.py" in files
     text = (tmp_path / "rank0" / "graph0" / "02_lower_attention.py").read_text()
-    assert text.startswith("# pass 2: lower_attention") and "collectives 1 -> 9" in text.splitlines()[0]
+    assert (
+        text.startswith("# pass 2: lower_attention")
+        and "collectives 1 -> 9" in text.splitlines()[0]
+    )
     assert "all_to_all_single" in text
 
 
@@ -94,8 +97,14 @@ def test_async_qkv_order(model):
     checked = 0
     for gm in rewrite(model, world=2):  # Z-Image is captured as several graphs
         pos = order(gm)
-        starts = {r: [n for n in gm.graph.nodes if n.meta.get("cpfx_collective") == "all_to_all"
-                      and n.meta.get("cpfx_role") == r] for r in "qkvo"}
+        starts = {
+            r: [
+                n
+                for n in gm.graph.nodes
+                if n.meta.get("cpfx_collective") == "all_to_all" and n.meta.get("cpfx_role") == r
+            ]
+            for r in "qkvo"
+        }
         waits = {r: [n for n in gm.graph.nodes if n.meta.get("cpfx_wait") == r] for r in "qkvo"}
         for q, k, v, qw in zip(starts["q"], starts["k"], starts["v"], waits["q"]):
             k_proj, v_proj = _upstream_linear(k), _upstream_linear(v)
@@ -132,11 +141,17 @@ def _max_live_kv_blocks(gm):
     """
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     sends = [n for n in gm.graph.nodes if "ring_send_recv" in str(n.target)]
-    gathers = [n for n in gm.graph.nodes if n.meta.get("cpfx_collective") == "all_gather"
-               and n.meta.get("cpfx_role") == "kv"]
+    gathers = [
+        n
+        for n in gm.graph.nodes
+        if n.meta.get("cpfx_collective") == "all_gather" and n.meta.get("cpfx_role") == "kv"
+    ]
     intervals = []
-    for buf in sends + [s.args[0] for s in sends if "ring_send_recv" not in str(s.args[0].target)
-                        and "wait" not in str(s.args[0].target)]:
+    for buf in sends + [
+        s.args[0]
+        for s in sends
+        if "ring_send_recv" not in str(s.args[0].target) and "wait" not in str(s.args[0].target)
+    ]:
         alias = [buf] + [u for u in buf.users if "wait_tensor" in str(u.target)]
         last = max(pos[u] for a in alias for u in a.users)
         intervals.append((pos[buf], last, 1))
@@ -159,10 +174,16 @@ def test_flux_single_block_mlp_runs_during_output_all_to_all():
     pass defers it between the output all-to-all's start and its wait."""
     (gm,) = rewrite("flux", world=2)
     pos = order(gm)
-    o_start = [n for n in gm.graph.nodes if n.meta.get("cpfx_collective") == "all_to_all"
-               and n.meta.get("cpfx_role") == "o"][-1]  # the single-stream block's
+    o_start = [
+        n
+        for n in gm.graph.nodes
+        if n.meta.get("cpfx_collective") == "all_to_all" and n.meta.get("cpfx_role") == "o"
+    ][-1]  # the single-stream block's
     (o_wait,) = [u for u in o_start.users]
-    mlp = [n for n in gm.graph.nodes if n.target is torch._C._nn.linear
-           and "proj_mlp" in str(n.meta.get("nn_module_stack", ""))]
+    mlp = [
+        n
+        for n in gm.graph.nodes
+        if n.target is torch._C._nn.linear and "proj_mlp" in str(n.meta.get("nn_module_stack", ""))
+    ]
     assert mlp and all(pos[o_start] < pos[n] < pos[o_wait] for n in mlp)
     assert cpfx.counters["overlap"]["deferred"] > 0

@@ -15,8 +15,12 @@ MODELS = sorted(EXTRA_BUILDERS)
 CASES = {
     "ulysses2": dict(world=2),
     "ring2": dict(world=2, mesh_names=("ring",), config={"ring_rotate": "p2p"}),
-    "usp2x2": dict(world=4, mesh_shape=(2, 2), mesh_names=("ring", "ulysses"),
-                   config={"ring_rotate": "allgather"}),
+    "usp2x2": dict(
+        world=4,
+        mesh_shape=(2, 2),
+        mesh_names=("ring", "ulysses"),
+        config={"ring_rotate": "allgather"},
+    ),
     "uneven3": dict(world=3),
 }
 

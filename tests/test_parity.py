@@ -27,19 +27,26 @@ def test_ulysses(pools, model, world):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("model", MODELS)
 def test_ring(pools, model, world, rotate):
-    res = check(pools(world).run(
-        "tests.tasks:parity", model=model, mesh_names=("ring",), config={"ring_rotate": rotate}
-    ))
+    res = check(
+        pools(world).run(
+            "tests.tasks:parity", model=model, mesh_names=("ring",), config={"ring_rotate": rotate}
+        )
+    )
     assert res["counters"]["lower_attention"][f"ring_{rotate}"] >= 2
 
 
 @pytest.mark.parametrize("rotate", ["allgather", "p2p"])
 @pytest.mark.parametrize("model", MODELS)
 def test_usp_2x2(pools, model, rotate):
-    res = check(pools(4).run(
-        "tests.tasks:parity", model=model, mesh_shape=(2, 2), mesh_names=("ring", "ulysses"),
-        config={"ring_rotate": rotate},
-    ))
+    res = check(
+        pools(4).run(
+            "tests.tasks:parity",
+            model=model,
+            mesh_shape=(2, 2),
+            mesh_names=("ring", "ulysses"),
+            config={"ring_rotate": rotate},
+        )
+    )
     assert res["counters"]["lower_attention"][f"usp_{rotate}"] >= 2
 
 

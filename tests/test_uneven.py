@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.graphs import payload_bytes, rewrite
 from tests.test_parity import check
@@ -16,36 +15,74 @@ def test_flux_1023_plus_77_tokens(pools, world):
     check(pools(world).run("tests.tasks:parity", model="flux", model_kwargs=ODD))
 
 
-@pytest.mark.parametrize("world,heads,mode", [
-    (2, 3, "auto"), (4, 6, "auto"), (4, 7, "auto"), (4, 30, "auto"), (4, 7, "pad"), (4, 6, "pad"),
-])
+@pytest.mark.parametrize(
+    "world,heads,mode",
+    [
+        (2, 3, "auto"),
+        (4, 6, "auto"),
+        (4, 7, "auto"),
+        (4, 30, "auto"),
+        (4, 7, "pad"),
+        (4, 6, "pad"),
+    ],
+)
 def test_heads_not_divisible(pools, world, heads, mode):
     kw = {"heads": heads, "img": 64, "txt": 8}
-    check(pools(world).run("tests.tasks:parity", model="flux", model_kwargs=kw,
-                           config={"head_padding": mode}))
+    check(
+        pools(world).run(
+            "tests.tasks:parity", model="flux", model_kwargs=kw, config={"head_padding": mode}
+        )
+    )
 
 
 def test_uneven_heads_and_sequence_together(pools):
     kw = {"heads": 7, "img": 61, "txt": 7}
     check(pools(4).run("tests.tasks:parity", model="flux", model_kwargs=kw))
-    check(pools(4).run("tests.tasks:parity", model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}))
+    check(
+        pools(4).run(
+            "tests.tasks:parity", model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}
+        )
+    )
 
 
 @pytest.mark.parametrize("rotate", ["p2p", "allgather"])
 def test_ring_uneven(pools, rotate):
-    check(pools(3).run("tests.tasks:parity", model="flux", model_kwargs={"img": 61, "txt": 7},
-                       mesh_names=("ring",), config={"ring_rotate": rotate}))
-    check(pools(3).run("tests.tasks:parity", model="qwen", model_kwargs={"h": 6, "w": 10, "txt": 7},
-                       mesh_names=("ring",), config={"ring_rotate": rotate}))
+    check(
+        pools(3).run(
+            "tests.tasks:parity",
+            model="flux",
+            model_kwargs={"img": 61, "txt": 7},
+            mesh_names=("ring",),
+            config={"ring_rotate": rotate},
+        )
+    )
+    check(
+        pools(3).run(
+            "tests.tasks:parity",
+            model="qwen",
+            model_kwargs={"h": 6, "w": 10, "txt": 7},
+            mesh_names=("ring",),
+            config={"ring_rotate": rotate},
+        )
+    )
 
 
 def test_usp_uneven_sequence_and_heads(pools):
-    check(pools(4).run("tests.tasks:parity", model="flux", model_kwargs={"heads": 3, "img": 61, "txt": 7},
-                       mesh_shape=(2, 2), mesh_names=("ring", "ulysses")))
+    check(
+        pools(4).run(
+            "tests.tasks:parity",
+            model="flux",
+            model_kwargs={"heads": 3, "img": 61, "txt": 7},
+            mesh_shape=(2, 2),
+            mesh_names=("ring", "ulysses"),
+        )
+    )
 
 
 def test_wan_uneven(pools):
-    check(pools(3).run("tests.tasks:parity", model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4}))
+    check(
+        pools(3).run("tests.tasks:parity", model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4})
+    )
 
 
 def test_bytes_padded_vs_padding_free():
@@ -62,12 +99,15 @@ def test_bytes_padded_vs_padding_free():
     assert payload_bytes(free) == expected
 
 
-@pytest.mark.parametrize("world,heads,kv_heads,names", [
-    (2, 4, 2, ("ulysses",)),  # K/V heads divide: GQA kept through the all-to-all
-    (4, 4, 1, ("ulysses",)),  # fewer K/V heads than ranks: K/V expanded before the all-to-all
-    (4, 6, 2, ("ulysses",)),  # uneven query heads
-    (2, 4, 2, ("ring",)),
-])
+@pytest.mark.parametrize(
+    "world,heads,kv_heads,names",
+    [
+        (2, 4, 2, ("ulysses",)),  # K/V heads divide: GQA kept through the all-to-all
+        (4, 4, 1, ("ulysses",)),  # fewer K/V heads than ranks: K/V expanded before the all-to-all
+        (4, 6, 2, ("ulysses",)),  # uneven query heads
+        (2, 4, 2, ("ring",)),
+    ],
+)
 def test_gqa(pools, world, heads, kv_heads, names):
     res = pools(world).run("tests.tasks:gqa_parity", heads=heads, kv_heads=kv_heads, names=names)
     assert max(res) <= 1e-5, res

@@ -5,9 +5,14 @@ layers), same inputs, same degree, one job:
 
   phase 1  single process, best of 1 and 2 intra-op threads (interleaved), also the reference
            output every method is checked against;
-  phase 2  2 spawned gloo ranks x 1 thread, alive for the whole comparison. Per model every
-           method's copy of the model is set up once (first call = capture / warm-up), then the
-           timed forwards alternate between methods (A B C A B C ...), median per method.
+  phase 2  one pair of spawned gloo ranks (1 thread each) per method, all alive for the whole
+           comparison; each pair's own default process group is its 2-rank world, so a failing
+           peer (or one that patches globals, as cache-dit patches diffusers' attention
+           registry) cannot disturb another method. Per model every pair sets its copy of the
+           model up once (first call = capture / warm-up, checked against the reference), then
+           the pairs take turns: one timed forward of one method at a time while the other
+           pairs sleep in a TCPStore wait, A B C A B C ... (order rotated every round), median
+           per method; a forward's time is the slower rank's.
 
 Methods (rows):
   cpfx-ulysses        cpfx.parallelize, 1-D "ulysses" mesh
@@ -29,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import gc
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -51,25 +54,43 @@ COLL_TIMEOUT = 120.0  # set from --coll-timeout in the ranks
 
 # name -> (cpfx.tiny builder kwargs for the full run, for --quick)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "flux": (dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2),
-             dict(img=256, txt=32, heads=4, head_dim=32, layers=1, single=1)),
+    "flux": (
+        dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2),
+        dict(img=256, txt=32, heads=4, head_dim=32, layers=1, single=1),
+    ),
     # Qwen-Image: h*w image tokens + txt text tokens; cpfx.tiny's mask has a hole inside the
     # prompt and padding at its end.
-    "qwen": (dict(h=48, w=48, txt=64, heads=4, head_dim=64, layers=2),
-             dict(h=16, w=16, txt=16, heads=4, head_dim=32, layers=1)),
+    "qwen": (
+        dict(h=48, w=48, txt=64, heads=4, head_dim=64, layers=2),
+        dict(h=16, w=16, txt=16, heads=4, head_dim=32, layers=1),
+    ),
     # Wan: frames * (h/2) * (w/2) video tokens, cross-attention to txt replicated text tokens.
-    "wan": (dict(frames=8, h=32, w=32, txt=64, heads=4, head_dim=64, layers=2),
-            dict(frames=2, h=16, w=16, txt=16, heads=4, head_dim=32, layers=1)),
+    "wan": (
+        dict(frames=8, h=32, w=32, txt=64, heads=4, head_dim=64, layers=2),
+        dict(frames=2, h=16, w=16, txt=16, heads=4, head_dim=32, layers=1),
+    ),
 }
 
-METHODS = ["cpfx-ulysses", "cpfx-ring-p2p", "diffusers-ulysses", "diffusers-ring",
-           "cache-dit-ulysses", "cache-dit-ring"]
+METHODS = [
+    "cpfx-ulysses",
+    "cpfx-ring-p2p",
+    "diffusers-ulysses",
+    "diffusers-ring",
+    "cache-dit-ulysses",
+    "cache-dit-ring",
+]
 # which cpfx row a peer row is compared with in the "cpfx/peer" column
-CPFX_COUNTERPART = {"diffusers-ulysses": "cpfx-ulysses", "cache-dit-ulysses": "cpfx-ulysses",
-                    "diffusers-ring": "cpfx-ring-p2p", "cache-dit-ring": "cpfx-ring-p2p"}
+CPFX_COUNTERPART = {
+    "diffusers-ulysses": "cpfx-ulysses",
+    "cache-dit-ulysses": "cpfx-ulysses",
+    "diffusers-ring": "cpfx-ring-p2p",
+    "cache-dit-ring": "cpfx-ring-p2p",
+}
 
-SHIM_DIFFUSERS = ("torch.accelerator.device_count patched to return 1 during enable_parallelism "
-                  "(diffusers computes rank % device_count(), 0 on CPU)")
+SHIM_DIFFUSERS = (
+    "torch.accelerator.device_count patched to return 1 during enable_parallelism "
+    "(diffusers computes rank % device_count(), 0 on CPU)"
+)
 
 
 def tokens_of(name: str, kw: dict[str, Any]) -> str:
@@ -78,8 +99,10 @@ def tokens_of(name: str, kw: dict[str, Any]) -> str:
     if name == "qwen":
         return f"{kw['h'] * kw['w']} img + {kw['txt']} txt tokens, joint attention, holed text mask"
     if name == "wan":
-        return (f"{kw['frames'] * (kw['h'] // 2) * (kw['w'] // 2)} video tokens, "
-                f"cross-attention to {kw['txt']} txt tokens")
+        return (
+            f"{kw['frames'] * (kw['h'] // 2) * (kw['w'] // 2)} video tokens, "
+            f"cross-attention to {kw['txt']} txt tokens"
+        )
     return "?"
 
 
@@ -107,6 +130,7 @@ def short(e: BaseException, n: int = 160) -> str:
 # phase 1: single process
 # --------------------------------------------------------------------------------------------
 
+
 def single_process(name: str, kw: dict[str, Any], repeats: int) -> dict[str, Any]:
     model, inputs = build(name, kw)
     times: dict[int, list[float]] = {1: [], 2: []}
@@ -125,55 +149,18 @@ def single_process(name: str, kw: dict[str, Any], repeats: int) -> dict[str, Any
     best = min(med, key=med.get)
     del model
     gc.collect()
-    return {"ref": ref, "median_s": med, "best_threads": best, "best_s": med[best],
-            "times_s": times}
+    return {
+        "ref": ref,
+        "median_s": med,
+        "best_threads": best,
+        "best_s": med[best],
+        "times_s": times,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # phase 2: ranks
 # --------------------------------------------------------------------------------------------
-
-class Registry:
-    """Snapshots of diffusers' global attention-backend registry.
-
-    cache-dit replaces diffusers' "native" backend (and others) in
-    `diffusers.models.attention_dispatch._AttentionBackendRegistry` with its own wrappers, globally.
-    To keep the diffusers rows diffusers' own code (and cpfx's captured graphs' guards valid), the
-    registry is switched back to diffusers' state around every non-cache-dit call and to
-    cache-dit's state around cache-dit calls. Switching is dict/set assignment, outside the timing.
-    """
-
-    def __init__(self) -> None:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry as R
-
-        self.R = R
-        self.states: dict[str, dict[str, Any]] = {"diffusers": self.snapshot()}
-
-    def snapshot(self) -> dict[str, Any]:
-        out = {}
-        for k, v in vars(self.R).items():
-            if k.startswith("__") or callable(v) or isinstance(v, (classmethod, staticmethod)):
-                continue
-            out[k] = copy.copy(v)
-        return out
-
-    def restore(self, which: str) -> None:
-        for k, v in self.states[which].items():
-            cur = getattr(self.R, k, None)
-            if isinstance(cur, dict) and isinstance(v, dict):
-                if cur != v:
-                    cur.clear()
-                    cur.update(v)
-            elif isinstance(cur, set) and isinstance(v, set):
-                if cur != v:
-                    cur.clear()
-                    cur.update(v)
-            else:
-                setattr(self.R, k, v)
-
-    def changed_keys(self, a: str, b: str) -> list[str]:
-        sa, sb = self.states[a], self.states[b]
-        return sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
 
 
 @contextlib.contextmanager
@@ -186,10 +173,10 @@ def accelerator_count_shim():
         torch.accelerator.device_count = orig  # type: ignore[assignment]
 
 
-def setup_method(method: str, name: str, kw: dict[str, Any], reg: Registry) -> tuple[Any, dict, str]:
-    """Build a fresh copy of the model and parallelize it with `method`. Returns (model, inputs,
-    shim-note). Raises on failure."""
-    import torch.distributed as dist
+def setup_method(method: str, name: str, kw: dict[str, Any]) -> tuple[Any, dict, str]:
+    """Build a fresh copy of the model and parallelize it with `method` over the default process
+    group (this method's own pair of processes). Returns (model, inputs, shim note); raises on
+    failure."""
     from torch.distributed.device_mesh import init_device_mesh
 
     model, inputs = build(name, kw)
@@ -198,43 +185,75 @@ def setup_method(method: str, name: str, kw: dict[str, Any], reg: Registry) -> t
 
         dim = "ulysses" if method == "cpfx-ulysses" else "ring"
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=(dim,))
-        cpfx.parallelize(model, mesh, cpfx.ParallelConfig(ring_rotate="p2p", fp8_comm=False,
-                                                       timeout_s=COLL_TIMEOUT))
+        cpfx.parallelize(
+            model,
+            mesh,
+            cpfx.ParallelConfig(ring_rotate="p2p", fp8_comm=False, timeout_s=COLL_TIMEOUT),
+        )
         return model, inputs, ""
     if method.startswith("diffusers"):
         from diffusers import ContextParallelConfig
 
-        reg.restore("diffusers")
-        cfg = (ContextParallelConfig(ulysses_degree=WORLD) if method == "diffusers-ulysses"
-               else ContextParallelConfig(ring_degree=WORLD))
-        note = ""
+        cfg = (
+            ContextParallelConfig(ulysses_degree=WORLD)
+            if method == "diffusers-ulysses"
+            else ContextParallelConfig(ring_degree=WORLD)
+        )
         try:
-            model.enable_parallelism(config=cfg)
+            model.enable_parallelism(config=cfg)  # as shipped first: fails on CPU
+            return model, inputs, ""
         except ZeroDivisionError:
-            # diffusers' _resolve_parallel_config: torch.device(type, rank % accelerator count)
-            model, inputs = build(name, kw)
+            # diffusers' ModelMixin._resolve_parallel_config does
+            #   torch.device(device_type, rank % torch.accelerator.device_count())
+            # and device_count() is 0 without an accelerator. The ZeroDivisionError is raised
+            # before anything is recorded on the model, so the same model can be retried.
             with accelerator_count_shim():
                 model.enable_parallelism(config=cfg)
-            note = SHIM_DIFFUSERS
-        return model, inputs, note
+            return model, inputs, SHIM_DIFFUSERS
     if method.startswith("cache-dit"):
         import cache_dit
         from cache_dit import ParallelismConfig
 
-        reg.restore("cache-dit" if "cache-dit" in reg.states else "diffusers")
-        pc = (ParallelismConfig(ulysses_size=WORLD) if method == "cache-dit-ulysses"
-              else ParallelismConfig(ring_size=WORLD))
+        pc = (
+            ParallelismConfig(ulysses_size=WORLD)
+            if method == "cache-dit-ulysses"
+            else ParallelismConfig(ring_size=WORLD)
+        )
         model = cache_dit.enable_cache(model, cache_config=None, parallelism_config=pc)
-        if "cache-dit" not in reg.states:
-            reg.states["cache-dit"] = reg.snapshot()
-        dist.barrier()
         return model, inputs, ""
     raise ValueError(method)
 
 
-def rank_main(rank: int, args: argparse.Namespace, port: int, cases: list[tuple[str, dict, Any]],
-              q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+class Control:
+    """Turn-taking between all method pairs: a standalone gloo group over every rank process
+    (not the default group, which is each pair's own) plus the shared TCPStore for small
+    messages."""
+
+    def __init__(self, store: Any, index: int, size: int, timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        self.store = store
+        self.index = index
+        self.pg = dist.ProcessGroupGloo(
+            dist.PrefixStore("ctl", store), index, size, datetime.timedelta(seconds=timeout_s)
+        )
+
+    def barrier(self) -> None:
+        self.pg.allreduce([torch.zeros(1)]).wait()
+
+    def put(self, key: str, value: Any) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def get(self, key: str) -> Any:
+        return json.loads(self.store.get(key))
+
+
+def rank_main(
+    index: int, args: argparse.Namespace, store_port: int, cases: list[tuple[str, dict, Any]], q
+) -> None:
+    """Process `index` is local rank index % 2 of method args.methods[index // 2]. Each pair has
+    its own default process group, so a peer that fails (and, say, leaves a P2P op posted, or
+    patches diffusers' attention registry, as cache-dit does) cannot disturb another method."""
     torch.set_num_threads(1)
     global COLL_TIMEOUT
     COLL_TIMEOUT = args.coll_timeout
@@ -245,125 +264,171 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, cases: list[tuple[
     logging.disable(logging.WARNING)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=args.coll_timeout))
-    ctl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.coll_timeout))
+    methods = args.methods
+    method, lr = methods[index // WORLD], index % WORLD
+    pair = index // WORLD
+    store = dist.TCPStore(
+        "127.0.0.1",
+        store_port,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=4 * args.coll_timeout + 120),
+    )
+    ctl = Control(store, index, WORLD * len(methods), 3 * args.coll_timeout + 120)
+
+    def init_pair_group(tag: str) -> None:
+        dist.init_process_group(
+            "gloo",
+            store=dist.PrefixStore(f"pair{pair}/{tag}", store),
+            rank=lr,
+            world_size=WORLD,
+            timeout=datetime.timedelta(seconds=args.coll_timeout),
+        )
+
+    def drop_pair_group() -> None:
+        """After a failure: a peer can leave operations posted on its group (cache-dit's ring
+        does, and its gloo threads then burnt ~0.75 of a core while the other methods were
+        timed). Destroy the pair's groups now; the next case gets a fresh one."""
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+        gc.collect()
+
     import diffusers  # noqa: F401
 
-    reg = Registry()  # diffusers' own registry, before cache-dit is imported
-
-    def agree(ok: bool, msg: str) -> tuple[bool, str]:
-        """Both ranks' outcome; a failure on any rank fails the method."""
-        outs: list[Any] = [None] * WORLD
-        dist.all_gather_object(outs, (ok, msg), group=ctl)
-        bad = [(r, m) for r, (o, m) in enumerate(outs) if not o]
+    def pair_ok(key: str) -> tuple[bool, str]:
+        """Both ranks of this pair wrote `key`; a failure on either fails the method."""
+        outs = [ctl.get(f"{key}/{r}") for r in range(WORLD)]
+        bad = [(r, o["msg"]) for r, o in enumerate(outs) if not o["ok"]]
         if bad:
-            return False, bad[0][1] + (f" (rank {bad[0][0]})" if len(bad) < WORLD else "")
-        return True, outs[0][1]
+            return False, bad[0][1] + (f" (rank {bad[0][0]} only)" if len(bad) < WORLD else "")
+        return True, outs[0]["msg"]
 
-    def maxall(x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctl)
-        return t.item()
-
-    def state_for(method: str) -> str:
-        return "cache-dit" if method.startswith("cache-dit") and "cache-dit" in reg.states else "diffusers"
-
-    for name, kw, ref in cases:
-        methods = [m for m in args.methods]
-        res: dict[str, dict[str, Any]] = {}
-        live: dict[str, tuple[Any, dict]] = {}
-        for m in methods:
-            model = None
-            r: dict[str, Any] = {"method": m}
-            t0 = time.perf_counter()
+    for ci, (name, kw, ref) in enumerate(cases):
+        if not dist.is_initialized():
+            init_pair_group(f"c{ci}")
+        res: dict[str, Any] = {"method": method, "rank": lr}
+        model = inputs = None
+        diff = float("nan")
+        t0 = time.perf_counter()
+        try:
+            model, inputs, msg = setup_method(method, name, kw)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - a failing peer is a result
+            ok, msg = False, "setup: " + short(e)
+            if args.verbose:
+                traceback.print_exc()
+        if ok:
             try:
-                model, inputs, note = setup_method(m, name, kw, reg)
-                ok, msg = True, note
-            except Exception as e:  # noqa: BLE001 - a failing peer is a result
-                ok, msg = False, "setup: " + short(e)
+                with torch.no_grad():
+                    out = first_tensor(model(**inputs))
+                    out2 = first_tensor(
+                        model(**inputs)
+                    )  # warm-up (cpfx: the captured graph reused)
+                diff = max((out - ref).abs().max().item(), (out2 - ref).abs().max().item())
+                del out, out2
+            except Exception as e:  # noqa: BLE001
+                ok, msg = False, "forward: " + short(e)
                 if args.verbose:
                     traceback.print_exc()
-            ok, msg = agree(ok, msg)
-            if ok:
-                try:
-                    reg.restore(state_for(m))
-                    with torch.no_grad():
-                        out = first_tensor(model(**inputs))
-                        out2 = first_tensor(model(**inputs))  # warm-up (cpfx: captured graph reused)
-                    diff = (out - ref).abs().max().item()
-                    diff2 = (out2 - ref).abs().max().item()
-                    diff = max(diff, diff2)
-                    fok = True
-                except Exception as e:  # noqa: BLE001
-                    fok, msg, diff = False, "forward: " + short(e), float("nan")
-                    if args.verbose:
-                        traceback.print_exc()
-                ok2, msg2 = agree(fok, msg)
-                if not ok2:
-                    ok, msg = False, msg2
-            r["setup_and_first_calls_s"] = maxall(time.perf_counter() - t0)
-            if ok:
-                r["max_abs_diff"] = maxall(diff)
-                r["shim"] = msg
-                if m.startswith("cpfx"):
-                    import cpfx
+        res["setup_and_first_calls_s"] = time.perf_counter() - t0
+        ctl.put(f"{name}/{method}/setup/{lr}", {"ok": ok, "msg": msg})
+        ctl.barrier()  # every pair has set up (or failed)
+        alive, msg = pair_ok(f"{name}/{method}/setup")
+        if alive:
+            res["max_abs_diff"] = diff
+            res["shim"] = msg
+            if method.startswith("cpfx"):
+                import cpfx
 
-                    r["sent_bytes_per_rank"] = cpfx.sent_bytes_per_call(model)
-                    r["graphs_after_warmup"] = len(model._cpfx["graphs"])
-                live[m] = (model, inputs)
-            else:
-                r["error"] = msg
-            res[m] = r
-            model = None
-            gc.collect()
+                res["sent_bytes_per_rank"] = cpfx.sent_bytes_per_call(model)
+                res["graphs_after_warmup"] = len(model._cpfx["graphs"])
+        else:
+            res["error"] = msg
+            model = inputs = None
+            drop_pair_group()
 
-        # timed rounds, methods interleaved
-        times: dict[str, list[float]] = {m: [] for m in live}
-        dead: set[str] = set()
+        # timed rounds: one pair at a time. Turn t belongs to pair k(t); it starts when turn t-1's
+        # "done" key is in the store and sets its own when both its ranks have finished. Every
+        # other process blocks in a TCPStore wait (a socket read: no CPU) meanwhile, so nothing
+        # but the pair being timed (and whatever else runs on the machine) uses the cores.
+        times: list[float] = []
+        M = len(methods)
+        own_cpu = 0.0  # CPU time of this process during its own timed forwards
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        turn = 0
         with torch.no_grad():
-            for _ in range(args.repeats):
-                for m, (model, inputs) in live.items():
-                    if m in dead:
-                        continue
-                    reg.restore(state_for(m))
-                    dist.barrier(group=ctl)
-                    t0 = time.perf_counter()
-                    try:
-                        first_tensor(model(**inputs))
-                        fok, msg = True, ""
-                    except Exception as e:  # noqa: BLE001
-                        fok, msg = False, "timed forward: " + short(e)
-                    dt = time.perf_counter() - t0
-                    ok, msg = agree(fok, msg)
-                    if not ok:
-                        dead.add(m)
-                        res[m]["error"] = msg
-                        continue
-                    times[m].append(maxall(dt))
-        reg.restore("diffusers")
-        for m, (model, _) in live.items():
-            if m in dead:
-                continue
-            res[m]["times_s"] = times[m]
-            res[m]["median_s"] = statistics.median(times[m])
-            if m.startswith("cpfx"):
+            for r in range(args.repeats):
+                for j in range(M):
+                    k = (j + r) % M  # rotate the order every round
+                    if turn:
+                        store.wait([f"{name}/done/{turn - 1}"])
+                    if k == pair and alive:
+                        dist.barrier()  # both ranks of this pair start together
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        try:
+                            first_tensor(model(**inputs))
+                            fok, fmsg = True, ""
+                        except Exception as e:  # noqa: BLE001
+                            fok, fmsg = False, "timed forward: " + short(e)
+                        dt = time.perf_counter() - t0
+                        own_cpu += time.process_time() - c0
+                        ctl.put(f"{name}/{method}/t{r}/{lr}", {"ok": fok, "msg": fmsg, "dt": dt})
+                        ok_r, fmsg = pair_ok(f"{name}/{method}/t{r}")  # waits for the partner
+                        if ok_r:
+                            times.append(
+                                max(ctl.get(f"{name}/{method}/t{r}/{i}")["dt"] for i in range(WORLD))
+                            )
+                        else:
+                            alive = False
+                            res["error"] = fmsg
+                            model = inputs = None
+                            drop_pair_group()
+                        if lr == 0:
+                            store.set(f"{name}/done/{turn}", "1")
+                    elif k == pair and lr == 0:  # this method failed: skip its turn
+                        store.set(f"{name}/done/{turn}", "1")
+                    turn += 1
+            store.wait([f"{name}/done/{turn - 1}"])
+        # CPU this process burnt while other pairs were timed (waiting): should be ~0
+        res["timing_phase_wall_s"] = time.perf_counter() - wall0
+        res["waiting_cpu_s"] = time.process_time() - cpu0 - own_cpu
+        if alive and times:
+            res["times_s"] = times
+            res["median_s"] = statistics.median(times)
+            if method.startswith("cpfx"):
                 n = len(model._cpfx["graphs"])
-                if n != res[m]["graphs_after_warmup"]:
-                    res[m]["shim"] = f"recompiled during timing ({n} graphs)"
-        if "cache-dit" in reg.states:
-            res["_registry_keys_swapped"] = reg.changed_keys("diffusers", "cache-dit")  # type: ignore[assignment]
-        live.clear()
+                if n != res["graphs_after_warmup"]:
+                    res["shim"] = f"recompiled during timing ({n} graphs)"
+        model = inputs = None
         gc.collect()
-        if rank == 0:
-            q.put((name, res))
-        dist.barrier(group=ctl)
-    dist.destroy_process_group()
+        q.put((name, method, lr, res))
+        ctl.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def merge(rank_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the two ranks' reports of one method."""
+    rs = sorted(rank_results, key=lambda r: r["rank"])
+    out = dict(rs[0])
+    out.pop("rank", None)
+    diffs = [r.get("max_abs_diff") for r in rs if r.get("max_abs_diff") is not None]
+    if diffs:
+        out["max_abs_diff"] = max(diffs)
+    out["setup_and_first_calls_s"] = max(r["setup_and_first_calls_s"] for r in rs)
+    out["waiting_cpu_s"] = sum(r.get("waiting_cpu_s", 0.0) for r in rs)
+    for r in rs:
+        if "error" in r:
+            out["error"] = r["error"]
+            out.pop("median_s", None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
+
 
 def status_of(r: dict[str, Any]) -> str:
     if "error" in r:
@@ -378,13 +443,18 @@ def status_of(r: dict[str, Any]) -> str:
 
 
 def table(name: str, kw: dict[str, Any], single: dict[str, Any], res: dict[str, Any]) -> str:
-    lines = [f"== {name}: {tokens_of(name, kw)}; {kw}"]
-    hdr = f"{'method':<22}{'ms/fwd':>9}{'vs single':>11}{'cpfx/peer':>11}{'max abs diff':>14}  status"
+    lines = [f"== {name}: {tokens_of(name, kw)}; {kw}; reference max |y| = "
+             f"{single['ref'].abs().max().item():.3g}"]
+    hdr = (
+        f"{'method':<22}{'ms/fwd':>9}{'vs single':>11}{'cpfx/peer':>11}{'max abs diff':>14}  status"
+    )
     lines.append(hdr)
     lines.append("-" * len(hdr))
     sm = single["median_s"]
-    lines.append(f"{'single process':<22}{single['best_s'] * 1e3:9.1f}{1.0:10.2f}x{'':>11}{0.0:14.1e}  "
-                 f"ok (best of: 1 thread {sm[1] * 1e3:.1f} ms, 2 threads {sm[2] * 1e3:.1f} ms)")
+    lines.append(
+        f"{'single process':<22}{single['best_s'] * 1e3:9.1f}{1.0:10.2f}x{'':>11}{0.0:14.1e}  "
+        f"ok (best of: 1 thread {sm[1] * 1e3:.1f} ms, 2 threads {sm[2] * 1e3:.1f} ms)"
+    )
     for m in METHODS:
         if m not in res:
             continue
@@ -402,17 +472,25 @@ def table(name: str, kw: dict[str, Any], single: dict[str, Any], res: dict[str, 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="flux,qwen,wan", help="comma list of flux,qwen,wan")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ",".join(METHODS))
-    p.add_argument("--repeats", type=int, default=None, help="timed forwards per method (default 5, quick 3)")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma list of " + ",".join(METHODS)
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed forwards per method (default 5, quick 3)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--json", default=None, help="write the results to this path")
     p.add_argument("--coll-timeout", type=float, default=120.0, help="gloo collective timeout (s)")
-    p.add_argument("--deadline", type=float, default=1500.0, help="kill the ranks after this many s")
+    p.add_argument(
+        "--deadline", type=float, default=1500.0, help="kill the ranks after this many s"
+    )
     p.add_argument("--verbose", action="store_true", help="print peer tracebacks")
     args = p.parse_args()
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.repeats = args.repeats or (3 if args.quick else 7)
     args.methods = [m for m in args.methods.split(",") if m]
     for m in args.methods:
         if m not in METHODS:
@@ -431,16 +509,32 @@ def main() -> int:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
-    print(f"side_by_side: torch {torch.__version__}, {os.cpu_count()} cores, load avg {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}; N={WORLD} gloo ranks x 1 thread; repeats={args.repeats}"
-          f"{' (quick)' if args.quick else ''}", flush=True)
+    print(
+        f"side_by_side: torch {torch.__version__}, {os.cpu_count()} cores, load avg {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f}; N={WORLD} gloo ranks x 1 thread; repeats={args.repeats}"
+        f"{' (quick)' if args.quick else ''}",
+        flush=True,
+    )
     versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for pkg in ("diffusers", "cache_dit", "cpfx"):
+    from importlib import metadata
+
+    for pkg, dist_name in (("diffusers", "diffusers"), ("cache_dit", "cache-dit"), ("cpfx", "cpfx")):
         try:
-            mod = __import__(pkg)
-            versions[pkg] = getattr(mod, "__version__", "?")
+            __import__(pkg)
+            versions[pkg] = metadata.version(dist_name)
         except Exception as e:  # noqa: BLE001
             versions[pkg] = "not importable: " + short(e)
+    try:
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "../cpfx", "../passes",
+                                "../kernels"], capture_output=True, text=True, timeout=10).stdout.strip()
+        versions["cpfx_git"] = rev + ("+dirty" if dirty else "")
+    except Exception:  # noqa: BLE001
+        pass
     print("versions:", versions, flush=True)
 
     t_start = time.perf_counter()
@@ -452,28 +546,53 @@ def main() -> int:
         s = single_process(name, kw, args.repeats)
         singles[name] = s
         cases.append((name, kw, s["ref"]))
-        print(f"[phase 1] {name}: single process 1 thread {s['median_s'][1] * 1e3:.1f} ms, "
-              f"2 threads {s['median_s'][2] * 1e3:.1f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"[phase 1] {name}: single process 1 thread {s['median_s'][1] * 1e3:.1f} ms, "
+            f"2 threads {s['median_s'][2] * 1e3:.1f} ms ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
 
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=4 * args.coll_timeout + 120),
+    )
+    nprocs = WORLD * len(args.methods)
+    print(
+        f"[phase 2] spawning {nprocs} rank processes: one gloo pair per method "
+        f"({', '.join(args.methods)}), taking turns",
+        flush=True,
+    )
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
     problem = None
-    pc = mp.start_processes(rank_main, args=(args, port, cases, q), nprocs=WORLD, join=False,
-                            start_method="spawn")
+    pc = mp.start_processes(
+        rank_main,
+        args=(args, store.port, cases, q),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.perf_counter() + args.deadline
 
     def drain() -> None:
         while True:
             try:
-                name, res = q.get_nowait()
+                name, method, _lr, res = q.get_nowait()
             except Exception:  # noqa: BLE001 - queue.Empty
                 return
-            results[name] = res
-            print(f"[phase 2] {name} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            per = raw.setdefault(name, {})
+            per.setdefault(method, []).append(res)
+            if sum(len(v) for v in per.values()) == nprocs:
+                print(
+                    f"[phase 2] {name} done ({time.perf_counter() - t_start:.0f} s since start)",
+                    flush=True,
+                )
 
     try:
         while not pc.join(timeout=2):
@@ -488,10 +607,21 @@ def main() -> int:
         problem = "rank process died: " + short(e, 400)
     time.sleep(0.5)
     drain()
+    results: dict[str, dict[str, Any]] = {
+        name: {m: merge(rs) for m, rs in per.items() if len(rs) == WORLD}
+        for name, per in raw.items()
+    }
 
     print()
-    out_json: dict[str, Any] = {"versions": versions, "load_avg_start": load, "repeats": args.repeats,
-                                "quick": args.quick, "world": WORLD, "tolerance": TOL, "cases": {}}
+    out_json: dict[str, Any] = {
+        "versions": versions,
+        "load_avg_start": load,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "world": WORLD,
+        "tolerance": TOL,
+        "cases": {},
+    }
     for name, kw, _ in cases:
         single = singles[name]
         res = results.get(name)
@@ -500,15 +630,15 @@ def main() -> int:
             out_json["cases"][name] = {"config": kw, "error": problem or "no result"}
             continue
         print(table(name, kw, single, res))
-        swapped = res.get("_registry_keys_swapped")
-        if swapped:
-            print(f"   (cache-dit rows ran with cache-dit's registrations in diffusers' attention registry; "
-                  f"the others with diffusers' own: switched keys {swapped})")
+        wall = max((r.get("timing_phase_wall_s", 0.0) for r in res.values()), default=0.0)
+        waiting = sum(r.get("waiting_cpu_s", 0.0) for r in res.values())
+        if wall:
+            print(f"   timed phase {wall:.0f} s; all rank processes together burnt {waiting:.1f} CPU-s "
+                  f"outside their own timed forwards ({100 * waiting / wall:.0f}% of one core; "
+                  "turn-taking overhead, should be near 0)")
         print()
         rows = {}
         for m, r in res.items():
-            if m.startswith("_"):
-                continue
             rr = dict(r)
             rr["status"] = status_of(r)
             if r.get("median_s"):
@@ -518,10 +648,15 @@ def main() -> int:
                     rr["ratio_cpfx_over_peer"] = res[cp]["median_s"] / r["median_s"]
             rows[m] = rr
         out_json["cases"][name] = {
-            "config": kw, "tokens": tokens_of(name, kw),
-            "single_process": {"median_s_by_threads": single["median_s"], "best_threads": single["best_threads"],
-                               "best_s": single["best_s"], "times_s_by_threads": single["times_s"]},
-            "methods": rows, "registry_keys_swapped_for_cache_dit": swapped,
+            "config": kw,
+            "tokens": tokens_of(name, kw),
+            "single_process": {
+                "median_s_by_threads": single["median_s"],
+                "best_threads": single["best_threads"],
+                "best_s": single["best_s"],
+                "times_s_by_threads": single["times_s"],
+            },
+            "methods": rows,
         }
     try:
         load_end = os.getloadavg()
@@ -532,8 +667,10 @@ def main() -> int:
     if problem:
         out_json["problem"] = problem
         print("problem:", problem)
-    print(f"total {out_json['wall_s']:.0f} s; load avg at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}"
-          " (timings on a shared 2-core VM are load-sensitive: compare ratios from the same run)")
+    print(
+        f"total {out_json['wall_s']:.0f} s; load avg at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}"
+        " (timings on a shared 2-core VM are load-sensitive: compare ratios from the same run)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out_json, f, indent=1, default=str)

@@ -70,6 +70,11 @@ class AttnSpec:
     def block_len(self, ring_index: int) -> int:
         return sum(n for _, n in self.block_pieces(ring_index))
 
+    def seq_sizes(self) -> tuple[int, list[int]]:
+        """(this rank's token count, the token counts of its Ulysses group in rank order)."""
+        group = self.group_ranks(self.ring_index)
+        return self.layout.local_size(self.cp_rank), [self.layout.local_size(r) for r in group]
+
     def head_sizes(self, heads: int) -> list[int]:
         """Heads per Ulysses rank: uneven groups (padding-free) or padded equal groups."""
         if self.head_padding == "uneven":
@@ -101,8 +106,7 @@ class AttnSpec:
 def seq_to_heads(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torch.Tensor:
     """[B, H, S_loc, D] -> [B, Hp/U, S_blk, D]: scatter heads, gather this group's tokens."""
     U, B, D = spec.ulysses, spec.batch, spec.head_dim
-    s_loc = spec.layout.local_size(spec.cp_rank)
-    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    s_loc, sizes = spec.seq_sizes()
     hp = -(-heads // U) * U
     if hp != heads:
         x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))  # zero heads, dropped after attention
@@ -115,8 +119,7 @@ def seq_to_heads(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torc
 def seq_to_heads_fp8(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torch.Tensor:
     """`seq_to_heads` with an FP8 payload: e4m3 bytes + inline fp32 scale per (token, head)."""
     U, B, D = spec.ulysses, spec.batch, spec.head_dim
-    s_loc = spec.layout.local_size(spec.cp_rank)
-    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    s_loc, sizes = spec.seq_sizes()
     hp = -(-heads // U) * U
     if hp != heads:
         x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))
@@ -132,8 +135,7 @@ def seq_to_heads_fp8(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> 
 def heads_to_seq(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     """[B, Hp/U, S_blk, D] -> [B, H, S_loc, D]: the inverse all-to-all, padded heads dropped."""
     U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
-    s_loc = spec.layout.local_size(spec.cp_rank)
-    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    s_loc, sizes = spec.seq_sizes()
     hp = spec.padded_heads
     y = y.permute(2, 0, 1, 3).contiguous()  # -> [S_blk, B, Hp/U, D]
     x = comm.all_to_all(y, [s_loc] * U, sizes, spec.ulysses_group, "o")  # [U * S_loc, B, Hp/U, D]
@@ -145,8 +147,7 @@ def heads_to_seq(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
 def heads_to_seq_fp8(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     """`heads_to_seq` with an FP8 payload."""
     U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
-    s_loc = spec.layout.local_size(spec.cp_rank)
-    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    s_loc, sizes = spec.seq_sizes()
     hp = spec.padded_heads
     packed = torch.ops.cpfx.fp8_quantize(y, 1)  # [B, Hp/U, S_blk, D] -> u8 [1, S_blk, B, Hp/U, D+4]
     packed = packed.reshape(sum(sizes), B, hp // U, D + 4)
@@ -160,8 +161,7 @@ def seq_to_heads_uneven(x, spec: AttnSpec, heads: int, role: str, fp8: bool = Fa
 
     [B, H, S_loc, D] -> [B, h_me, S_blk, D]; with `fp8`, rows travel as e4m3 + inline scale."""
     U, B, D = spec.ulysses, spec.batch, spec.head_dim
-    s_loc = spec.layout.local_size(spec.cp_rank)
-    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    s_loc, sizes = spec.seq_sizes()
     hs = spec.head_sizes(heads)
     me = hs[spec.ulysses_index]
     if fp8:
@@ -186,8 +186,7 @@ def seq_to_heads_uneven(x, spec: AttnSpec, heads: int, role: str, fp8: bool = Fa
 def heads_to_seq_uneven(y, spec: AttnSpec, fp8: bool = False):
     """Inverse of `seq_to_heads_uneven`: [B, h_me, S_blk, D] -> [B, H, S_loc, D]."""
     U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
-    s_loc = spec.layout.local_size(spec.cp_rank)
-    sizes = [spec.layout.local_size(r) for r in spec.group_ranks(spec.ring_index)]
+    s_loc, sizes = spec.seq_sizes()
     hs = spec.head_sizes(H)
     me = hs[spec.ulysses_index]
     if fp8:

@@ -5,14 +5,16 @@ layers), same inputs, same degree, one job:
 
   phase 1  single process, best of 1 and 2 intra-op threads (interleaved), also the reference
            output every method is checked against;
-  phase 2  one pair of spawned gloo ranks (1 thread each) per method, all alive for the whole
-           comparison; each pair's own default process group is its 2-rank world, so a failing
+  phase 2  per model, one pair of spawned gloo ranks (1 thread each) per method, all alive
+           together; each pair's own default process group is its 2-rank world, so a failing
            peer (or one that patches globals, as cache-dit patches diffusers' attention
-           registry) cannot disturb another method. Per model every pair sets its copy of the
-           model up once (first call = capture / warm-up, checked against the reference), then
-           the pairs take turns: one timed forward of one method at a time while the other
-           pairs sleep in a TCPStore wait, A B C A B C ... (order rotated every round), median
-           per method; a forward's time is the slower rank's.
+           registry) cannot disturb another method, and the processes coordinate only through
+           the parent's TCPStore. Every pair sets its copy of the model up once (first call =
+           capture / warm-up, checked against the reference); a pair whose method failed
+           reports and exits (cache-dit's failed ring left a gloo thread spinning at ~1 core).
+           The working pairs then take turns: one timed forward of one method at a time while
+           the other processes sleep in a TCPStore wait, A B C A B C ... (order rotated every
+           round), median per method; a forward's time is the slower rank's.
 
 Methods (rows):
   cpfx-ulysses        cpfx.parallelize, 1-D "ulysses" mesh
@@ -25,7 +27,7 @@ Methods (rows):
 Peers are run exactly as shipped except for the shims listed in the status column (and in
 benchmarks/README.md). A peer that fails is a result: the script still exits 0.
 
-    python benchmarks/side_by_side.py                 # flux, qwen, wan at full size (~10 min on 2 cores)
+    python benchmarks/side_by_side.py                 # flux, qwen, wan at full size (~5 min on a quiet 2-core VM)
     python benchmarks/side_by_side.py --quick         # small sizes, smoke run
     python benchmarks/side_by_side.py --models flux --repeats 7 --json /tmp/r.json
 """
@@ -55,19 +57,19 @@ COLL_TIMEOUT = 120.0  # set from --coll-timeout in the ranks
 # name -> (cpfx.tiny builder kwargs for the full run, for --quick)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "flux": (
-        dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2),
-        dict(img=256, txt=32, heads=4, head_dim=32, layers=1, single=1),
+        {"img": 2048, "txt": 256, "heads": 4, "head_dim": 64, "layers": 2, "single": 2},
+        {"img": 256, "txt": 32, "heads": 4, "head_dim": 32, "layers": 1, "single": 1},
     ),
     # Qwen-Image: h*w image tokens + txt text tokens; cpfx.tiny's mask has a hole inside the
     # prompt and padding at its end.
     "qwen": (
-        dict(h=48, w=48, txt=64, heads=4, head_dim=64, layers=2),
-        dict(h=16, w=16, txt=16, heads=4, head_dim=32, layers=1),
+        {"h": 48, "w": 48, "txt": 64, "heads": 4, "head_dim": 64, "layers": 2},
+        {"h": 16, "w": 16, "txt": 16, "heads": 4, "head_dim": 32, "layers": 1},
     ),
     # Wan: frames * (h/2) * (w/2) video tokens, cross-attention to txt replicated text tokens.
     "wan": (
-        dict(frames=8, h=32, w=32, txt=64, heads=4, head_dim=64, layers=2),
-        dict(frames=2, h=16, w=16, txt=16, heads=4, head_dim=32, layers=1),
+        {"frames": 8, "h": 32, "w": 32, "txt": 64, "heads": 4, "head_dim": 64, "layers": 2},
+        {"frames": 2, "h": 16, "w": 16, "txt": 16, "heads": 4, "head_dim": 32, "layers": 1},
     ),
 }
 
@@ -224,36 +226,30 @@ def setup_method(method: str, name: str, kw: dict[str, Any]) -> tuple[Any, dict,
     raise ValueError(method)
 
 
-class Control:
-    """Turn-taking between all method pairs: a standalone gloo group over every rank process
-    (not the default group, which is each pair's own) plus the shared TCPStore for small
-    messages."""
+class Store:
+    """Coordination through the parent's TCPStore only (no collective group over all ranks):
+    processes of failed methods can leave early without breaking anyone's barrier."""
 
-    def __init__(self, store: Any, index: int, size: int, timeout_s: float) -> None:
-        import torch.distributed as dist
-
+    def __init__(self, store: Any) -> None:
         self.store = store
-        self.index = index
-        self.pg = dist.ProcessGroupGloo(
-            dist.PrefixStore("ctl", store), index, size, datetime.timedelta(seconds=timeout_s)
-        )
-
-    def barrier(self) -> None:
-        self.pg.allreduce([torch.zeros(1)]).wait()
 
     def put(self, key: str, value: Any) -> None:
         self.store.set(key, json.dumps(value))
 
     def get(self, key: str) -> Any:
-        return json.loads(self.store.get(key))
+        return json.loads(self.store.get(key))  # blocks until the key exists
+
+    def wait(self, *keys: str) -> None:
+        self.store.wait(list(keys))  # a blocking socket read: no CPU while waiting
 
 
 def rank_main(
-    index: int, args: argparse.Namespace, store_port: int, cases: list[tuple[str, dict, Any]], q
+    index: int, args: argparse.Namespace, store_port: int, case: tuple[str, dict, Any], q
 ) -> None:
-    """Process `index` is local rank index % 2 of method args.methods[index // 2]. Each pair has
-    its own default process group, so a peer that fails (and, say, leaves a P2P op posted, or
-    patches diffusers' attention registry, as cache-dit does) cannot disturb another method."""
+    """One rank of one method for one case: process `index` is local rank index % 2 of method
+    args.methods[index // 2]. Each pair's default process group is its own 2-rank world, so the
+    peers run unmodified over "the whole group" and a peer that fails or patches globals (cache-dit
+    patches diffusers' attention registry) cannot disturb another method."""
     torch.set_num_threads(1)
     global COLL_TIMEOUT
     COLL_TIMEOUT = args.coll_timeout
@@ -264,148 +260,138 @@ def rank_main(
     logging.disable(logging.WARNING)
     import torch.distributed as dist
 
+    name, kw, ref = case
     methods = args.methods
-    method, lr = methods[index // WORLD], index % WORLD
-    pair = index // WORLD
-    store = dist.TCPStore(
+    M = len(methods)
+    method, lr, pair = methods[index // WORLD], index % WORLD, index // WORLD
+    raw_store = dist.TCPStore(
         "127.0.0.1",
         store_port,
         is_master=False,
         timeout=datetime.timedelta(seconds=4 * args.coll_timeout + 120),
     )
-    ctl = Control(store, index, WORLD * len(methods), 3 * args.coll_timeout + 120)
-
-    def init_pair_group(tag: str) -> None:
-        dist.init_process_group(
-            "gloo",
-            store=dist.PrefixStore(f"pair{pair}/{tag}", store),
-            rank=lr,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=args.coll_timeout),
-        )
-
-    def drop_pair_group() -> None:
-        """After a failure: a peer can leave operations posted on its group (cache-dit's ring
-        does, and its gloo threads then burnt ~0.75 of a core while the other methods were
-        timed). Destroy the pair's groups now; the next case gets a fresh one."""
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-        gc.collect()
-
+    st = Store(raw_store)
+    dist.init_process_group(
+        "gloo",
+        store=dist.PrefixStore(f"{name}/pair{pair}", raw_store),
+        rank=lr,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=args.coll_timeout),
+    )
     import diffusers  # noqa: F401
 
     def pair_ok(key: str) -> tuple[bool, str]:
         """Both ranks of this pair wrote `key`; a failure on either fails the method."""
-        outs = [ctl.get(f"{key}/{r}") for r in range(WORLD)]
+        outs = [st.get(f"{key}/{r}") for r in range(WORLD)]
         bad = [(r, o["msg"]) for r, o in enumerate(outs) if not o["ok"]]
         if bad:
             return False, bad[0][1] + (f" (rank {bad[0][0]} only)" if len(bad) < WORLD else "")
         return True, outs[0]["msg"]
 
-    for ci, (name, kw, ref) in enumerate(cases):
-        if not dist.is_initialized():
-            init_pair_group(f"c{ci}")
-        res: dict[str, Any] = {"method": method, "rank": lr}
-        model = inputs = None
-        diff = float("nan")
-        t0 = time.perf_counter()
+    def leave(res: dict[str, Any]) -> None:
+        """Report and exit at once. A failed peer can leave operations posted on its group
+        (cache-dit's ring does; its gloo thread then spun at ~1 core while the other methods
+        were being timed): the process must go, not linger."""
+        q.put((name, method, lr, res))
+        q.close()
+        q.join_thread()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    res: dict[str, Any] = {"method": method, "rank": lr}
+    model = inputs = None
+    diff = float("nan")
+    t0 = time.perf_counter()
+    try:
+        model, inputs, msg = setup_method(method, name, kw)
+        ok = True
+    except Exception as e:  # noqa: BLE001 - a failing peer is a result
+        ok, msg = False, "setup: " + short(e)
+        if args.verbose:
+            traceback.print_exc()
+    if ok:
         try:
-            model, inputs, msg = setup_method(method, name, kw)
-            ok = True
-        except Exception as e:  # noqa: BLE001 - a failing peer is a result
-            ok, msg = False, "setup: " + short(e)
+            with torch.no_grad():
+                out = first_tensor(model(**inputs))
+                out2 = first_tensor(model(**inputs))  # warm-up (cpfx: the captured graph reused)
+            diff = max((out - ref).abs().max().item(), (out2 - ref).abs().max().item())
+            del out, out2
+        except Exception as e:  # noqa: BLE001
+            ok, msg = False, "forward: " + short(e)
             if args.verbose:
                 traceback.print_exc()
-        if ok:
-            try:
-                with torch.no_grad():
-                    out = first_tensor(model(**inputs))
-                    out2 = first_tensor(
-                        model(**inputs)
-                    )  # warm-up (cpfx: the captured graph reused)
-                diff = max((out - ref).abs().max().item(), (out2 - ref).abs().max().item())
-                del out, out2
-            except Exception as e:  # noqa: BLE001
-                ok, msg = False, "forward: " + short(e)
-                if args.verbose:
-                    traceback.print_exc()
-        res["setup_and_first_calls_s"] = time.perf_counter() - t0
-        ctl.put(f"{name}/{method}/setup/{lr}", {"ok": ok, "msg": msg})
-        ctl.barrier()  # every pair has set up (or failed)
-        alive, msg = pair_ok(f"{name}/{method}/setup")
-        if alive:
-            res["max_abs_diff"] = diff
-            res["shim"] = msg
-            if method.startswith("cpfx"):
-                import cpfx
+    res["setup_and_first_calls_s"] = time.perf_counter() - t0
+    st.put(f"{name}/{method}/setup/{lr}", {"ok": ok, "msg": msg})
+    alive, msg = pair_ok(f"{name}/{method}/setup")
+    st.put(f"{name}/alive/{pair}", alive)  # both ranks write the same value
+    if not alive:
+        res["error"] = msg
+        leave(res)
+    res["max_abs_diff"] = diff
+    res["shim"] = msg
+    if method.startswith("cpfx"):
+        import cpfx
 
-                res["sent_bytes_per_rank"] = cpfx.sent_bytes_per_call(model)
-                res["graphs_after_warmup"] = len(model._cpfx["graphs"])
-        else:
-            res["error"] = msg
-            model = inputs = None
-            drop_pair_group()
+        res["sent_bytes_per_rank"] = cpfx.sent_bytes_per_call(model)
+        res["graphs_after_warmup"] = len(model._cpfx["graphs"])
 
-        # timed rounds: one pair at a time. Turn t belongs to pair k(t); it starts when turn t-1's
-        # "done" key is in the store and sets its own when both its ranks have finished. Every
-        # other process blocks in a TCPStore wait (a socket read: no CPU) meanwhile, so nothing
-        # but the pair being timed (and whatever else runs on the machine) uses the cores.
-        times: list[float] = []
-        M = len(methods)
-        own_cpu = 0.0  # CPU time of this process during its own timed forwards
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        turn = 0
-        with torch.no_grad():
-            for r in range(args.repeats):
-                for j in range(M):
-                    k = (j + r) % M  # rotate the order every round
-                    if turn:
-                        store.wait([f"{name}/done/{turn - 1}"])
-                    if k == pair and alive:
-                        dist.barrier()  # both ranks of this pair start together
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        try:
-                            first_tensor(model(**inputs))
-                            fok, fmsg = True, ""
-                        except Exception as e:  # noqa: BLE001
-                            fok, fmsg = False, "timed forward: " + short(e)
-                        dt = time.perf_counter() - t0
-                        own_cpu += time.process_time() - c0
-                        ctl.put(f"{name}/{method}/t{r}/{lr}", {"ok": fok, "msg": fmsg, "dt": dt})
-                        ok_r, fmsg = pair_ok(f"{name}/{method}/t{r}")  # waits for the partner
-                        if ok_r:
-                            times.append(
-                                max(ctl.get(f"{name}/{method}/t{r}/{i}")["dt"] for i in range(WORLD))
-                            )
-                        else:
-                            alive = False
-                            res["error"] = fmsg
-                            model = inputs = None
-                            drop_pair_group()
-                        if lr == 0:
-                            store.set(f"{name}/done/{turn}", "1")
-                    elif k == pair and lr == 0:  # this method failed: skip its turn
-                        store.set(f"{name}/done/{turn}", "1")
-                    turn += 1
-            store.wait([f"{name}/done/{turn - 1}"])
-        # CPU this process burnt while other pairs were timed (waiting): should be ~0
-        res["timing_phase_wall_s"] = time.perf_counter() - wall0
-        res["waiting_cpu_s"] = time.process_time() - cpu0 - own_cpu
-        if alive and times:
-            res["times_s"] = times
-            res["median_s"] = statistics.median(times)
-            if method.startswith("cpfx"):
-                n = len(model._cpfx["graphs"])
-                if n != res["graphs_after_warmup"]:
-                    res["shim"] = f"recompiled during timing ({n} graphs)"
-        model = inputs = None
-        gc.collect()
-        q.put((name, method, lr, res))
-        ctl.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # every pair has set up; the timed turns go round the pairs that work
+    order = [k for k in range(M) if st.get(f"{name}/alive/{k}")]
+
+    # timed rounds: one pair at a time. Turn t belongs to one pair; it starts when turn t-1's
+    # "done" key is in the store and sets its own when both its ranks have finished. Every
+    # other process blocks in a TCPStore wait (a socket read: no CPU) meanwhile, so nothing
+    # but the pair being timed (and whatever else runs on the machine) uses the cores.
+    times: list[float] = []
+    own_cpu = 0.0  # CPU time of this process during its own timed forwards
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    turn = 0
+    with torch.no_grad():
+        for r in range(args.repeats):
+            for j in range(len(order)):
+                k = order[(j + r) % len(order)]  # rotate the order every round
+                if turn:
+                    st.wait(f"{name}/done/{turn - 1}")
+                if k == pair and alive:
+                    dist.barrier()  # both ranks of this pair start together
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    try:
+                        first_tensor(model(**inputs))
+                        fok, fmsg = True, ""
+                    except Exception as e:  # noqa: BLE001
+                        fok, fmsg = False, "timed forward: " + short(e)
+                    dt = time.perf_counter() - t0
+                    own_cpu += time.process_time() - c0
+                    st.put(f"{name}/{method}/t{r}/{lr}", {"ok": fok, "msg": fmsg, "dt": dt})
+                    ok_r, fmsg = pair_ok(f"{name}/{method}/t{r}")  # waits for the partner
+                    if ok_r:
+                        times.append(
+                            max(st.get(f"{name}/{method}/t{r}/{i}")["dt"] for i in range(WORLD))
+                        )
+                    else:
+                        alive = False
+                        res["error"] = fmsg
+                        model = inputs = None
+                    if lr == 0:
+                        raw_store.set(f"{name}/done/{turn}", "1")
+                elif k == pair and lr == 0:  # failed during the timed rounds: pass the turn
+                    raw_store.set(f"{name}/done/{turn}", "1")
+                turn += 1
+        st.wait(f"{name}/done/{turn - 1}")
+    # CPU this process used outside its own timed forwards during the timed phase: ~0 expected
+    res["timing_phase_wall_s"] = time.perf_counter() - wall0
+    res["waiting_cpu_s"] = time.process_time() - cpu0 - own_cpu
+    if alive and times:
+        res["times_s"] = times
+        res["median_s"] = statistics.median(times)
+        if method.startswith("cpfx"):
+            n = len(model._cpfx["graphs"])
+            if n != res["graphs_after_warmup"]:
+                res["shim"] = f"recompiled during timing ({n} graphs)"
+    if alive:
+        dist.barrier()  # the partner has read every key it needs
+    leave(res)
 
 
 def merge(rank_results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -443,8 +429,8 @@ def status_of(r: dict[str, Any]) -> str:
 
 
 def table(name: str, kw: dict[str, Any], single: dict[str, Any], res: dict[str, Any]) -> str:
-    lines = [f"== {name}: {tokens_of(name, kw)}; {kw}; reference max |y| = "
-             f"{single['ref'].abs().max().item():.3g}"]
+    scale = single["ref"].abs().max().item()
+    lines = [f"== {name}: {tokens_of(name, kw)}; {kw}; reference max |y| = {scale:.3g}"]
     hdr = (
         f"{'method':<22}{'ms/fwd':>9}{'vs single':>11}{'cpfx/peer':>11}{'max abs diff':>14}  status"
     )
@@ -500,8 +486,8 @@ def main() -> int:
         if m not in CASES:
             p.error(f"unknown model {m}")
 
-    import warnings
     import logging
+    import warnings
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -518,7 +504,11 @@ def main() -> int:
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     from importlib import metadata
 
-    for pkg, dist_name in (("diffusers", "diffusers"), ("cache_dit", "cache-dit"), ("cpfx", "cpfx")):
+    for pkg, dist_name in (
+        ("diffusers", "diffusers"),
+        ("cache_dit", "cache-dit"),
+        ("cpfx", "cpfx"),
+    ):
         try:
             __import__(pkg)
             versions[pkg] = metadata.version(dist_name)
@@ -528,13 +518,16 @@ def main() -> int:
         import subprocess
 
         here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "../cpfx", "../passes",
-                                "../kernels"], capture_output=True, text=True, timeout=10).stdout.strip()
-        versions["cpfx_git"] = rev + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        pass
+
+        def git(*a: str) -> str:
+            return subprocess.run(
+                ["git", "-C", here, *a], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+
+        dirty = git("status", "--porcelain", "--", "../cpfx", "../passes", "../kernels")
+        versions["cpfx_git"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except Exception as e:  # noqa: BLE001 - only informative
+        versions["cpfx_git"] = "unknown: " + short(e)
     print("versions:", versions, flush=True)
 
     t_start = time.perf_counter()
@@ -563,54 +556,72 @@ def main() -> int:
     )
     nprocs = WORLD * len(args.methods)
     print(
-        f"[phase 2] spawning {nprocs} rank processes: one gloo pair per method "
+        f"[phase 2] per model: {nprocs} rank processes, one gloo pair per method "
         f"({', '.join(args.methods)}), taking turns",
         flush=True,
     )
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    problem = None
-    pc = mp.start_processes(
-        rank_main,
-        args=(args, store.port, cases, q),
-        nprocs=nprocs,
-        join=False,
-        start_method="spawn",
-    )
+    problems: dict[str, str] = {}
     deadline = time.perf_counter() + args.deadline
+    for case in cases:
+        name = case[0]
+        q = ctx.Queue()
+        per = raw.setdefault(name, {})
 
-    def drain() -> None:
-        while True:
-            try:
-                name, method, _lr, res = q.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty
-                return
-            per = raw.setdefault(name, {})
-            per.setdefault(method, []).append(res)
-            if sum(len(v) for v in per.values()) == nprocs:
-                print(
-                    f"[phase 2] {name} done ({time.perf_counter() - t_start:.0f} s since start)",
-                    flush=True,
-                )
+        def drain(q: Any = q, per: dict[str, list[dict[str, Any]]] = per) -> None:
+            while True:
+                try:
+                    _name, method, _lr, res = q.get_nowait()
+                except Exception:  # noqa: BLE001 - queue.Empty
+                    return
+                per.setdefault(method, []).append(res)
 
-    try:
-        while not pc.join(timeout=2):
-            drain()
-            if time.perf_counter() > deadline:
-                problem = f"ranks killed after the {args.deadline:.0f} s deadline"
-                for proc in pc.processes:
-                    if proc.is_alive():
-                        proc.kill()
-                break
-    except Exception as e:  # noqa: BLE001 - a rank died: report what we have
-        problem = "rank process died: " + short(e, 400)
-    time.sleep(0.5)
-    drain()
-    results: dict[str, dict[str, Any]] = {
-        name: {m: merge(rs) for m, rs in per.items() if len(rs) == WORLD}
-        for name, per in raw.items()
-    }
+        if time.perf_counter() > deadline:
+            problems[name] = f"not run: the {args.deadline:.0f} s deadline had passed"
+            continue
+        pc = mp.start_processes(
+            rank_main,
+            args=(args, store.port, case, q),
+            nprocs=nprocs,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not pc.join(timeout=1):
+                drain()
+                if time.perf_counter() > deadline:
+                    problems[name] = f"ranks killed after the {args.deadline:.0f} s deadline"
+                    for proc in pc.processes:
+                        if proc.is_alive():
+                            proc.kill()
+                    break
+        except Exception as e:  # noqa: BLE001 - a rank died: report what we have
+            problems[name] = "rank process died: " + short(e, 400)
+            for proc in pc.processes:
+                if proc.is_alive():
+                    proc.kill()
+        time.sleep(0.3)
+        drain()
+        print(
+            f"[phase 2] {name} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True
+        )
+    problem = "; ".join(f"{k}: {v}" for k, v in problems.items()) or None
+    results: dict[str, dict[str, Any]] = {}
+    for name, per in raw.items():
+        if name in problems and not per:
+            continue
+        results[name] = {}
+        for m in args.methods:
+            rs = per.get(m, [])
+            if len(rs) == WORLD:
+                results[name][m] = merge(rs)
+            else:
+                results[name][m] = {
+                    "method": m,
+                    "error": f"no result from {WORLD - len(rs)} rank(s): "
+                    + problems.get(name, "rank exited without reporting"),
+                }
 
     print()
     out_json: dict[str, Any] = {
@@ -633,9 +644,11 @@ def main() -> int:
         wall = max((r.get("timing_phase_wall_s", 0.0) for r in res.values()), default=0.0)
         waiting = sum(r.get("waiting_cpu_s", 0.0) for r in res.values())
         if wall:
-            print(f"   timed phase {wall:.0f} s; all rank processes together burnt {waiting:.1f} CPU-s "
-                  f"outside their own timed forwards ({100 * waiting / wall:.0f}% of one core; "
-                  "turn-taking overhead, should be near 0)")
+            print(
+                f"   timed phase {wall:.1f} s; all rank processes together used {waiting:.2f} CPU-s "
+                f"outside their own timed forwards ({100 * waiting / wall:.0f}% of one core; "
+                "turn-taking overhead, should be near 0)"
+            )
         print()
         rows = {}
         for m, r in res.items():

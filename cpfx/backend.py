@@ -72,9 +72,10 @@ def compile_graph(
     ctx = context_for(info, config, graph_id=graph_id, fake_inputs=fake, fake_mode=mode)
     gm = run_passes(gm, ctx, build_pipeline(config), rank=info.cp_rank)
     if config.compile:
-        from torch._inductor.compile_fx import compile_fx
+        from cpfx.inductor import compile_with_inductor
 
-        return compile_fx(gm, example_inputs)
+        keep = config.async_qkv and "overlap" not in config.skip_passes
+        return compile_with_inductor(gm, example_inputs, keep_schedule=keep)
     return gm.forward
 
 

@@ -23,16 +23,16 @@ def reset_counters() -> None:
 
 def collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """Nodes that issue a collective (functional collectives or cpfx p2p ops), in graph order."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        name = str(n.target)
-        if ("_c10d_functional" in name and "wait_tensor" not in name) or name.startswith(
-            "cpfx.ring_"
-        ):
-            out.append(n)
-    return out
+    return [n for n in gm.graph.nodes if is_collective_start(n)]
+
+
+def is_collective_start(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    name = str(n.target)
+    return ("_c10d_functional" in name and "wait_tensor" not in name) or name.startswith(
+        "cpfx.ring_"
+    )
 
 
 def is_wait(n: fx.Node) -> bool:

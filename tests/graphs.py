@@ -80,3 +80,28 @@ def payload_bytes(gm: fx.GraphModule, kind: str = "all_to_all") -> dict[str, int
             role = n.meta.get("cpfx_role", "")
             out[role] = out.get(role, 0) + x.numel() * x.element_size()
     return out
+
+
+def inductor_code(
+    model: str, world: int = 2, mesh_name: str = "ulysses", **config: Any
+) -> tuple[str, list[str]]:
+    """Inductor's generated `call` for the cpfx-rewritten graph of a tiny model (fake process group),
+    and the graph's placeholder names, in the order of inductor's `arg<i>_1` inputs."""
+    import cpfx
+    from tests.models import build
+    from torch._inductor.utils import run_and_get_code
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch._dynamo.reset()
+    m, kw = build(model)
+    with fake_world(world):
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=(mesh_name,))
+        config.setdefault("check_collectives", False)
+        be = cpfx.backend(mesh, cpfx.ParallelConfig(compile=True, **config))
+        # No FX-graph cache: a cache hit would skip the post-grad passes this code comes from.
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+            _, codes = run_and_get_code(lambda: torch.compile(m, backend=be, dynamic=False)(**kw))
+    (gm,) = be.graphs
+    (code,) = codes
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return code[code.index("def call(") :], names

@@ -7,7 +7,9 @@
 2. Scaling: single process (best of 1 and 2 intra-op threads) vs N ranks x 1 thread.
 3. Cost of `parallelize`: first call (Dynamo capture + cpfx passes) vs a plain Dynamo capture.
 4. Steady-state overhead per call vs calling the rewritten graph directly.
-(Peak memory per rank is not measured yet: RSS on CPU hides activations behind malloc reuse.)
+5. Peak memory per rank vs the single process: bytes allocated during one forward above what was
+   live before it (`cpfx.measure.peak_bytes`: the profiler's allocation events; weights and
+   inputs, identical on every rank, are reported separately).
 """
 
 from __future__ import annotations
@@ -16,23 +18,15 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
 
+from cpfx.measure import median_time, peak_bytes
+
 FLUX = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
 QUICK = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
-
-
-def median_time(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def formula(kind, s, n, b=1, h=4, d=64, el=4, blocks=2, fp8=False, r=2):
@@ -136,12 +130,17 @@ def _rank(rank, world, port, cfg, repeats, q):
         t_model = median_time(lambda: m(**kw), repeats)
         dist.barrier()
         t_graph = median_time(lambda: recorded["fn"](*recorded["args"]), repeats)
+        dist.barrier()
+        peak = peak_bytes(lambda: m(**kw))
+    peaks = [None] * world
+    dist.all_gather_object(peaks, peak)
     if rank == 0:
         q.put(
             {
                 "first_call_s": first,
                 "forward_s": t_model,
                 "graph_direct_s": t_graph,
+                "peak_MB_per_rank": [p / 1e6 for p in peaks],
             }
         )
     dist.destroy_process_group()
@@ -158,14 +157,21 @@ def single(cfg, repeats):
             torch.set_num_threads(th)
             t = median_time(lambda: m(**kw), repeats)
             best = min(best or (t, th), (t, th))
+        torch.set_num_threads(1)
+        peak = peak_bytes(lambda: m(**kw))
         torch._dynamo.reset()
         t0 = time.perf_counter()
         torch.compile(m, backend="eager", dynamic=False)(**kw)
         capture = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    inputs = sum(v.numel() * v.element_size() for v in kw.values() if torch.is_tensor(v))
     return {
         "forward_s": best[0],
         "threads": best[1],
         "dynamo_capture_s": capture,
+        "peak_MB": peak / 1e6,
+        "weights_MB": weights / 1e6,
+        "inputs_MB": inputs / 1e6,
     }
 
 
@@ -187,7 +193,8 @@ def main():
     s = out["single"]
     print(
         f"\nsingle process: {s['forward_s'] * 1e3:.1f} ms ({s['threads']} thread(s)); plain Dynamo capture "
-        f"{s['dynamo_capture_s']:.1f} s"
+        f"{s['dynamo_capture_s']:.1f} s; peak during a forward {s['peak_MB']:.1f} MB "
+        f"(+ weights {s['weights_MB']:.1f} MB, inputs {s['inputs_MB']:.1f} MB, on every rank too)"
     )
     out["ranks"] = {}
     for world in [int(w) for w in args.worlds.split(",")]:
@@ -205,6 +212,11 @@ def main():
             f"N={world}: forward {r['forward_s'] * 1e3:.1f} ms (speedup {s['forward_s'] / r['forward_s']:.2f}x), "
             f"first call {r['first_call_s']:.1f} s (capture + passes), graph called directly "
             f"{r['graph_direct_s'] * 1e3:.1f} ms (overhead {(r['forward_s'] - r['graph_direct_s']) * 1e3:+.1f} ms)"
+        )
+        peaks = ", ".join(f"{p:.1f}" for p in r["peak_MB_per_rank"])
+        print(
+            f"      peak during a forward per rank: {peaks} MB "
+            f"({max(r['peak_MB_per_rank']) / s['peak_MB']:.2f}x of the single process)"
         )
     if args.json:
         with open(args.json, "w") as f:

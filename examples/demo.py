@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
+
+from cpfx.measure import median_time
 
 
 def build(args: argparse.Namespace):
@@ -52,15 +53,6 @@ def build(args: argparse.Namespace):
     return model, inputs
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def single_process(args: argparse.Namespace) -> tuple[torch.Tensor, float, int]:
     """The reference: best of 1 and 2 intra-op threads (2 can be slower on a busy 2-core box)."""
     model, inputs = build(args)
@@ -69,7 +61,7 @@ def single_process(args: argparse.Namespace) -> tuple[torch.Tensor, float, int]:
         out = model(**inputs)[0]
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            t = timed(lambda: model(**inputs), args.repeats)
+            t = median_time(lambda: model(**inputs), args.repeats)
             best = min(best, (t, threads))
     return out, best[0], best[1]
 
@@ -94,7 +86,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, ref: torch.Tensor,
         out = model(**inputs)[0]
         compile_s = time.perf_counter() - t0
         dist.barrier()
-        t = timed(lambda: model(**inputs), args.repeats)
+        t = median_time(lambda: model(**inputs), args.repeats)
     if rank == 0:
         q.put(
             {

@@ -79,7 +79,7 @@ def explain(
     config = dataclasses.replace(config or ParallelConfig(), check_collectives=True)
     torch._dynamo.reset()
     cpfx.reset_counters()
-    with _world(world) as fake:
+    with fake_world(world) as fake:
         if mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -130,7 +130,7 @@ def explain(
 
 
 @contextlib.contextmanager
-def _world(world: int):
+def fake_world(world: int):
     """Use the initialized process group, or a fake one of `world` ranks for this call."""
     if dist.is_initialized():
         yield False

@@ -1,0 +1,287 @@
+"""A performance model of Ulysses context parallelism, checked where it can be measured.
+
+    python benchmarks/perf_model.py [--json out.json] [--quick]
+    python benchmarks/perf_model.py --device cuda        # part 1 on a GPU (NCCL needs >= 2 GPUs)
+
+Model: one forward on N ranks takes
+    T(N) = T_local(N) + T_comm(N)             (collectives waited in order: upper bound)
+    T(N) >= max(T_local(N), T_comm(N))        (perfect overlap: lower bound)
+where T_local(N) is one rank's compute on its shard (linear layers on S/N tokens, attention over
+all S tokens with H/N heads) and T_comm(N) = bytes sent per rank / link bandwidth.
+
+Part 1, measured on this machine (tiny diffusers Flux, float32 on CPU / bfloat16 on CUDA):
+  T_1        the single-process forward;
+  T_local(N) the rank-0 cpfx graph run under torch's fake process group: same shapes and kernels,
+             the collectives return at once (their outputs are left uninitialized; the script
+             checks the output stays finite, as garbage could otherwise slow the math down);
+  bytes(N)   counted from the rewritten graph (`cpfx.explain`);
+  bandwidth  an all_to_all_single microbenchmark on N real ranks at the model's message size;
+  T(N)       the real forward on N ranks, to compare with the model's bounds.
+Part 2, FLUX.1-dev at 1024x1024 (4096 image + 512 text tokens, 28 steps) on NVIDIA L20s, the
+  seed's figures (23.56 s on 1 GPU, 13.80 s Ulysses-2, 8.28 s Ulysses-4): closed-form FLOPs and
+  bytes per step, the efficiency implied by the 1-GPU time, the link bandwidth each multi-GPU
+  figure implies, and estimates for N=8 and for FP8 all-to-alls (bytes x 0.637 at head dim 128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from cpfx.measure import median_time
+
+CPU_CFG = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
+GPU_CFG = dict(img=4096, txt=512, heads=24, head_dim=128, layers=2, single=4)
+QUICK_CFG = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
+
+
+def build(cfg, device, dtype):
+    from cpfx import tiny
+
+    m, kw = tiny.build("flux", **cfg)
+    kw = {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+        if torch.is_tensor(v)
+        else v
+        for k, v in kw.items()
+    }
+    return m.to(device, dtype), kw
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def local_compute(cfg, world, device, dtype, repeats):
+    """T_local(N): rank 0's rewritten graph under a fake process group of `world` ranks."""
+    import cpfx
+    from cpfx.explain import fake_world
+
+    m, kw = build(cfg, device, dtype)
+    torch._dynamo.reset()
+    with fake_world(world), torch.no_grad():
+        mesh = torch.distributed.device_mesh.init_device_mesh(
+            device, (world,), mesh_dim_names=("ulysses",)
+        )
+        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(check_collectives=False))
+        out = m(**kw)[0]
+        finite = bool(torch.isfinite(out).all())
+
+        def run():
+            m(**kw)
+            _sync(device)
+
+        t = median_time(run, repeats)
+    torch._dynamo.reset()
+    return t, finite
+
+
+def _rank(rank, world, port, cfg, device, repeats, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import cpfx
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m, kw = build(cfg, device, dtype)
+    mesh = torch.distributed.device_mesh.init_device_mesh(
+        device, (world,), mesh_dim_names=("ulysses",)
+    )
+    cpfx.parallelize(m, mesh)
+    el = torch.finfo(dtype).bits // 8
+    s_local = math.ceil((cfg["img"] + cfg["txt"]) / world)
+    msg = torch.randn(s_local, cfg["heads"] * cfg["head_dim"], device=device).to(dtype)
+
+    def a2a():
+        out = torch.empty_like(msg)
+        dist.all_to_all_single(out, msg)
+        _sync(device)
+
+    def fwd():
+        m(**kw)
+        _sync(device)
+
+    with torch.no_grad():
+        fwd()
+        a2a()
+        dist.barrier()
+        t_a2a = median_time(a2a, 3 * repeats)
+        dist.barrier()
+        t_fwd = median_time(fwd, repeats)
+    sent = msg.numel() * el * (world - 1) / world
+    if rank == 0:
+        q.put({"forward_s": t_fwd, "a2a_s": t_a2a, "a2a_sent_bytes": sent})
+    dist.destroy_process_group()
+
+
+def part1(cfg, device, worlds, repeats):
+    import cpfx
+    from cpfx.explain import explain
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.set_num_threads(1)
+    m, kw = build(cfg, device, dtype)
+
+    def single():
+        m(**kw)
+        _sync(device)
+
+    with torch.no_grad():
+        single()
+        t1 = median_time(single, repeats)
+    rows = []
+    for n in worlds:
+        t_local, finite = local_compute(cfg, n, device, dtype, repeats)
+        mc, kwc = build(cfg, "cpu", dtype)
+        rep = explain(mc, None, cpfx.ParallelConfig(), world=n, print_table=False, **kwc)
+        sent = rep.bytes_per_forward
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        mp.start_processes(
+            _rank, args=(n, port, cfg, device, repeats, q), nprocs=n, start_method="spawn"
+        )
+        real = q.get()
+        bw = real["a2a_sent_bytes"] / real["a2a_s"]
+        t_comm = sent / bw
+        rows.append(
+            {
+                "n": n,
+                "t1_ms": t1 * 1e3,
+                "t_local_ms": t_local * 1e3,
+                "t1_over_n_ms": t1 / n * 1e3,
+                "output_finite": finite,
+                "sent_MB": sent / 1e6,
+                "a2a_GBps": bw / 1e9,
+                "t_comm_ms": t_comm * 1e3,
+                "model_upper_ms": (t_local + t_comm) * 1e3,
+                "model_lower_ms": max(t_local, t_comm) * 1e3,
+                "measured_ms": real["forward_s"] * 1e3,
+            }
+        )
+    return rows
+
+
+# --- part 2: FLUX.1-dev on L20 ------------------------------------------------------------------
+
+FLUX_DEV = dict(dim=3072, heads=24, head_dim=128, double=19, single=38, img=4096, txt=512)
+SEED_L20 = {1: 23.56, 2: 13.80, 4: 8.28}
+STEPS = 28
+
+
+def flux_step(n, fp8=False, el=2):
+    """(FLOPs per rank, bytes sent per rank) of one FLUX.1-dev forward on n Ulysses ranks."""
+    c = FLUX_DEV
+    s, d, blocks = c["img"] + c["txt"], c["dim"], c["double"] + c["single"]
+    # Per token and block: QKV 3d^2 + out d^2 + MLP 8d^2 (double: per stream; single: fused
+    # QKV + MLP-in 7d^2, out 5d^2), 2 FLOPs per multiply-add; attention QK^T and PV, 4 S^2 d.
+    flops = blocks * (24 * d * d * s + 4 * s * s * d) / n
+    local = s / n * d * el  # one rank's [S/N, d] slice of Q, K, V or O
+    qvo = (c["head_dim"] + 4) / (c["head_dim"] * el) if fp8 else 1.0
+    sent = blocks * local * (n - 1) / n * (1 + 3 * qvo) if n > 1 else 0.0
+    return flops, sent
+
+
+def part2(bw8_gbps=None):
+    """Seed-calibrated model; N=8 uses `bw8_gbps` (default: the bandwidth Ulysses-4 implies)."""
+    f1, _ = flux_step(1)
+    achieved = (
+        f1 * STEPS / SEED_L20[1]
+    )  # FLOP/s the 1-GPU run reached (pipeline overheads included)
+    rows = []
+    for n in (2, 4, 8):
+        fl, sent = flux_step(n)
+        _, sent8 = flux_step(n, fp8=True)
+        t_compute = fl * STEPS / achieved
+        row = {"n": n, "compute_s": t_compute, "sent_GB_per_rank": sent * STEPS / 1e9}
+        if n in SEED_L20:
+            row["seed_s"] = SEED_L20[n]
+            row["link_GBps"] = sent * STEPS / (SEED_L20[n] - t_compute) / 1e9
+            row["link"] = "implied"
+        else:
+            row["seed_s"] = None
+            row["link_GBps"] = bw8_gbps or rows[-1]["link_GBps"]
+            row["link"] = "assumed"
+        bw = row["link_GBps"] * 1e9
+        row["model_bf16_s"] = t_compute + sent * STEPS / bw
+        row["model_fp8_s"] = t_compute + sent8 * STEPS / bw
+        row["model_bf16_overlap_bound_s"] = max(t_compute, sent * STEPS / bw)
+        rows.append(row)
+    return {"achieved_TFLOPs": achieved / 1e12, "flops_per_step": f1, "rows": rows}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--worlds", default="2")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--bw8",
+        type=float,
+        default=None,
+        help="GB/s per rank assumed for 8 L20s (default: the bandwidth Ulysses-4 implies)",
+    )
+    p.add_argument("--json")
+    args = p.parse_args()
+    cfg = QUICK_CFG if args.quick else (GPU_CFG if args.device == "cuda" else CPU_CFG)
+    out = {"config": cfg, "device": args.device}
+
+    p2 = out["flux_dev_l20"] = part2(args.bw8)
+
+    worlds = [int(w) for w in args.worlds.split(",")]
+    t0 = time.perf_counter()
+    out["measured"] = part1(cfg, args.device, worlds, args.repeats)
+    print(
+        f"Part 1: tiny Flux {cfg['img']}+{cfg['txt']} tokens, {cfg['heads']} heads x "
+        f"{cfg['head_dim']}, {cfg['layers']}+{cfg['single']} blocks, {args.device} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    print(
+        f"{'N':>3}{'T1':>9}{'T1/N':>9}{'T_local':>9}{'MB sent':>9}{'a2a GB/s':>10}{'T_comm':>9}"
+        f"{'model lo..hi':>16}{'measured':>10}  (ms)"
+    )
+    for r in out["measured"]:
+        print(
+            f"{r['n']:>3}{r['t1_ms']:>9.1f}{r['t1_over_n_ms']:>9.1f}{r['t_local_ms']:>9.1f}"
+            f"{r['sent_MB']:>9.2f}{r['a2a_GBps']:>10.2f}{r['t_comm_ms']:>9.1f}"
+            f"{r['model_lower_ms']:>8.1f}..{r['model_upper_ms']:<6.1f}{r['measured_ms']:>10.1f}"
+            + ("" if r["output_finite"] else "  (fake-group output not finite: T_local suspect)")
+        )
+
+    print(
+        f"\nPart 2: FLUX.1-dev 1024x1024, {STEPS} steps, L20 (seed figures); 1 GPU reached "
+        f"{p2['achieved_TFLOPs']:.0f} TFLOP/s on {p2['flops_per_step'] / 1e12:.0f} TFLOP per step"
+    )
+    print(
+        f"{'N':>3}{'compute s':>11}{'GB sent/rank':>14}{'link GB/s':>12}{'model bf16 s':>14}"
+        f"{'overlap bound':>15}{'model fp8 s':>13}{'seed s':>8}"
+    )
+    for r in p2["rows"]:
+        print(
+            f"{r['n']:>3}{r['compute_s']:>11.2f}{r['sent_GB_per_rank']:>14.1f}"
+            f"{r['link_GBps']:>7.1f} {r['link'][:4]}{r['model_bf16_s']:>14.2f}{r['model_bf16_overlap_bound_s']:>15.2f}"
+            f"{r['model_fp8_s']:>13.2f}{r['seed_s'] or float('nan'):>8.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

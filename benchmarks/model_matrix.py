@@ -24,7 +24,7 @@ CASES = {
 
 
 def main() -> None:
-    from tests.models import BUILDERS
+    from cpfx.tiny import BUILDERS
     from tests.pool import Pool
 
     p = argparse.ArgumentParser()

@@ -1,7 +1,7 @@
 """A performance model of Ulysses context parallelism, checked where it can be measured.
 
     python benchmarks/perf_model.py [--json out.json] [--quick]
-    python benchmarks/perf_model.py --device cuda        # part 1 on a GPU (NCCL needs >= 2 GPUs)
+    python benchmarks/perf_model.py --device cuda        # parts 1 and 3 on a GPU (one is enough)
 
 Model: one forward on N ranks takes
     T(N) = T_local(N) + T_comm(N)             (collectives waited in order: upper bound)
@@ -21,6 +21,10 @@ Part 2, FLUX.1-dev at 1024x1024 (4096 image + 512 text tokens, 28 steps) on NVID
   seed's figures (23.56 s on 1 GPU, 13.80 s Ulysses-2, 8.28 s Ulysses-4): closed-form FLOPs and
   bytes per step, the efficiency implied by the 1-GPU time, the link bandwidth each multi-GPU
   figure implies, and estimates for N=8 and for FP8 all-to-alls (bytes x 0.637 at head dim 128).
+Part 3, CUDA only: part 1's per-rank compute on this GPU (FLUX.1-dev-sized blocks: 24 heads x 128,
+  4096 + 512 tokens, bfloat16) scaled to FLUX.1-dev's 57 blocks and 28 steps, plus each N's
+  communication at the link bandwidth part 2 found for the L20s. On one GPU the real N-rank runs
+  are skipped (NCCL wants one GPU per rank); T_local(N) needs only the fake group.
 """
 
 from __future__ import annotations
@@ -61,9 +65,10 @@ def _sync(device):
 
 
 def local_compute(cfg, world, device, dtype, repeats):
-    """T_local(N): rank 0's rewritten graph under a fake process group of `world` ranks."""
+    """T_local(N): rank 0's rewritten graph under a fake process group of `world` ranks; and the
+    bytes it sends per forward, counted from the graph."""
     import cpfx
-    from cpfx.explain import fake_world
+    from cpfx.explain import explain, fake_world
 
     m, kw = build(cfg, device, dtype)
     torch._dynamo.reset()
@@ -71,7 +76,9 @@ def local_compute(cfg, world, device, dtype, repeats):
         mesh = torch.distributed.device_mesh.init_device_mesh(
             device, (world,), mesh_dim_names=("ulysses",)
         )
-        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(check_collectives=False))
+        config = cpfx.ParallelConfig(check_collectives=False)
+        sent = explain(m, mesh, config, print_table=False, **kw).bytes_per_forward
+        cpfx.parallelize(m, mesh, config)
         out = m(**kw)[0]
         finite = bool(torch.isfinite(out).all())
 
@@ -81,7 +88,7 @@ def local_compute(cfg, world, device, dtype, repeats):
 
         t = median_time(run, repeats)
     torch._dynamo.reset()
-    return t, finite
+    return t, finite, sent
 
 
 def _rank(rank, world, port, cfg, device, repeats, q):
@@ -128,9 +135,7 @@ def _rank(rank, world, port, cfg, device, repeats, q):
 
 
 def part1(cfg, device, worlds, repeats):
-    import cpfx
-    from cpfx.explain import explain
-
+    """Measured T_1, T_local(N), bytes(N); bandwidth and T(N) where N devices exist (CPU: always)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.set_num_threads(1)
     m, kw = build(cfg, device, dtype)
@@ -144,10 +149,18 @@ def part1(cfg, device, worlds, repeats):
         t1 = median_time(single, repeats)
     rows = []
     for n in worlds:
-        t_local, finite = local_compute(cfg, n, device, dtype, repeats)
-        mc, kwc = build(cfg, "cpu", dtype)
-        rep = explain(mc, None, cpfx.ParallelConfig(), world=n, print_table=False, **kwc)
-        sent = rep.bytes_per_forward
+        t_local, finite, sent = local_compute(cfg, n, device, dtype, repeats)
+        row = {
+            "n": n,
+            "t1_ms": t1 * 1e3,
+            "t_local_ms": t_local * 1e3,
+            "t1_over_n_ms": t1 / n * 1e3,
+            "output_finite": finite,
+            "sent_MB": sent / 1e6,
+        }
+        rows.append(row)
+        if device == "cuda" and torch.cuda.device_count() < n:
+            continue  # one rank per GPU: the real run and the link need n GPUs
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         with socket.socket() as sk:
@@ -159,21 +172,36 @@ def part1(cfg, device, worlds, repeats):
         real = q.get()
         bw = real["a2a_sent_bytes"] / real["a2a_s"]
         t_comm = sent / bw
+        row.update(
+            a2a_GBps=bw / 1e9,
+            t_comm_ms=t_comm * 1e3,
+            model_upper_ms=(t_local + t_comm) * 1e3,
+            model_lower_ms=max(t_local, t_comm) * 1e3,
+            measured_ms=real["forward_s"] * 1e3,
+        )
+    return rows
+
+
+def part3(cfg, measured, link):
+    """GPU: this GPU's per-rank compute, scaled from the measured blocks to FLUX.1-dev's 57 blocks
+    and 28 steps, plus the communication of each N at `link` GB/s per rank."""
+    blocks = cfg["layers"] + cfg["single"]
+    scale = (FLUX_DEV["double"] + FLUX_DEV["single"]) / blocks * STEPS
+    rows = [{"n": 1, "compute_s": measured[0]["t1_ms"] / 1e3 * scale, "comm_s": 0.0}]
+    for r in measured:
+        _, sent = flux_step(r["n"])
+        bw = link.get(r["n"], min(link.values())) * 1e9
         rows.append(
             {
-                "n": n,
-                "t1_ms": t1 * 1e3,
-                "t_local_ms": t_local * 1e3,
-                "t1_over_n_ms": t1 / n * 1e3,
-                "output_finite": finite,
-                "sent_MB": sent / 1e6,
-                "a2a_GBps": bw / 1e9,
-                "t_comm_ms": t_comm * 1e3,
-                "model_upper_ms": (t_local + t_comm) * 1e3,
-                "model_lower_ms": max(t_local, t_comm) * 1e3,
-                "measured_ms": real["forward_s"] * 1e3,
+                "n": r["n"],
+                "compute_s": r["t_local_ms"] / 1e3 * scale,
+                "comm_s": sent * STEPS / bw,
+                "link_GBps": bw / 1e9,
             }
         )
+    for r in rows:
+        r["model_s"] = r["compute_s"] + r["comm_s"]
+        r["seed_l20_s"] = SEED_L20.get(r["n"])
     return rows
 
 
@@ -228,7 +256,7 @@ def part2(bw8_gbps=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--worlds", default="2")
+    p.add_argument("--worlds", default=None, help="default: 2 on CPU, 2,4,8 on CUDA")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     p.add_argument(
@@ -244,7 +272,9 @@ def main():
 
     p2 = out["flux_dev_l20"] = part2(args.bw8)
 
-    worlds = [int(w) for w in args.worlds.split(",")]
+    worlds = [
+        int(w) for w in (args.worlds or ("2,4,8" if args.device == "cuda" else "2")).split(",")
+    ]
     t0 = time.perf_counter()
     out["measured"] = part1(cfg, args.device, worlds, args.repeats)
     print(
@@ -257,12 +287,34 @@ def main():
         f"{'model lo..hi':>16}{'measured':>10}  (ms)"
     )
     for r in out["measured"]:
-        print(
+        line = (
             f"{r['n']:>3}{r['t1_ms']:>9.1f}{r['t1_over_n_ms']:>9.1f}{r['t_local_ms']:>9.1f}"
-            f"{r['sent_MB']:>9.2f}{r['a2a_GBps']:>10.2f}{r['t_comm_ms']:>9.1f}"
-            f"{r['model_lower_ms']:>8.1f}..{r['model_upper_ms']:<6.1f}{r['measured_ms']:>10.1f}"
-            + ("" if r["output_finite"] else "  (fake-group output not finite: T_local suspect)")
+            f"{r['sent_MB']:>9.2f}"
         )
+        if "measured_ms" in r:
+            line += (
+                f"{r['a2a_GBps']:>10.2f}{r['t_comm_ms']:>9.1f}"
+                f"{r['model_lower_ms']:>8.1f}..{r['model_upper_ms']:<6.1f}{r['measured_ms']:>10.1f}"
+            )
+        else:
+            line += "   (fewer GPUs than ranks: no real run)"
+        if not r["output_finite"]:
+            line += "  (fake-group output not finite: T_local suspect)"
+        print(line)
+    if args.device == "cuda":
+        link = {r["n"]: r["link_GBps"] for r in p2["rows"]}
+        out["flux_dev_this_gpu"] = part3(cfg, out["measured"], link)
+        print(
+            f"\nPart 3: this GPU's compute scaled to FLUX.1-dev (57 blocks, {STEPS} steps) + "
+            "communication at the link bandwidth the L20 figures imply"
+        )
+        print(f"{'N':>3}{'compute s':>11}{'comm s':>9}{'model s':>9}{'seed L20 s':>12}")
+        for r in out["flux_dev_this_gpu"]:
+            seed = r["seed_l20_s"] or float("nan")
+            print(
+                f"{r['n']:>3}{r['compute_s']:>11.2f}{r['comm_s']:>9.2f}{r['model_s']:>9.2f}"
+                f"{seed:>12.2f}"
+            )
 
     print(
         f"\nPart 2: FLUX.1-dev 1024x1024, {STEPS} steps, L20 (seed figures); 1 GPU reached "

@@ -13,6 +13,7 @@ for p2p ring steps), tagged with `meta["cpfx_role"]` in {"q", "k", "v", "o", "kv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -41,14 +42,10 @@ def make_spec(site, ctx: PassContext) -> AttnSpec:
         # Padding-free uneven head groups send fewer bytes and work with uneven sequences too;
         # with fewer heads than ranks some ranks would get none: pad instead.
         mode = "uneven" if min(site.heads, site.kv_heads) >= ctx.ulysses else "pad"
+    # The site's analysis fields (all but its source location) carry over as they are.
+    found = {f.name: getattr(site, f.name) for f in dataclasses.fields(site) if f.name != "where"}
     return AttnSpec(
-        layout=site.layout,
-        batch=site.batch,
-        heads=site.heads,
-        kv_heads=site.kv_heads,
-        head_dim=site.head_dim,
-        scale=site.scale,
-        enable_gqa=site.enable_gqa,
+        **found,
         device_type=ctx.device_type,
         cp_rank=ctx.cp_rank,
         ulysses=ctx.ulysses,
@@ -60,10 +57,6 @@ def make_spec(site, ctx: PassContext) -> AttnSpec:
         ring_rotate=ctx.config.ring_rotate,
         head_padding=mode,
         ring_ranks=ctx.ring_ranks,
-        dtype=site.dtype,
-        mask_shape=site.mask_shape,
-        mask_ndim=site.mask_ndim,
-        mask_is_bool=site.mask_is_bool,
     )
 
 

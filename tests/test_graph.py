@@ -11,7 +11,6 @@ import torch
 import cpfx
 from cpfx.graph_utils import sdpa_args
 from tests.graphs import rewrite, roles
-import tests.models  # noqa: F401  (registers the extra model builders)
 
 
 def order(gm):

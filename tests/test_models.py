@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models_extra import EXTRA_BUILDERS
+from cpfx.tiny import EXTRA
 from tests.test_parity import check
 
-MODELS = sorted(EXTRA_BUILDERS)
+MODELS = EXTRA
 CASES = {
     "ulysses2": dict(world=2),
     "ring2": dict(world=2, mesh_names=("ring",), config={"ring_rotate": "p2p"}),

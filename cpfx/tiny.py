@@ -63,6 +63,37 @@ def flux(
     return m, kw
 
 
+class FluxBlock(torch.nn.Module):
+    """One Flux double-stream block driven directly, RoPE tables passed in over the joined
+    [txt | img] sequence (as code that runs the blocks itself does); returns [txt | img]."""
+
+    def __init__(self, heads: int, head_dim: int):
+        from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+        super().__init__()
+        self.block = FluxTransformerBlock(heads * head_dim, heads, head_dim)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, cos, sin):
+        txt, img = self.block(hidden_states, encoder_hidden_states, temb, (cos, sin))
+        return torch.cat([txt, img], dim=1)
+
+
+def flux_block(img: int = 64, txt: int = 8, heads: int = 2, head_dim: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    m = FluxBlock(heads, head_dim).eval()
+    g = _gen(seed)
+    dim = heads * head_dim
+    angles = torch.rand(txt + img, head_dim, generator=g) * 6.28
+    kw = {
+        "hidden_states": torch.randn(1, img, dim, generator=g),
+        "encoder_hidden_states": torch.randn(1, txt, dim, generator=g),
+        "temb": torch.randn(1, dim, generator=g),
+        "cos": angles.cos(),
+        "sin": angles.sin(),
+    }
+    return m, kw
+
+
 def qwen(
     h: int = 8,
     w: int = 8,
@@ -604,9 +635,10 @@ BUILDERS: dict[str, Callable[..., tuple[torch.nn.Module, dict[str, Any]]]] = {
     "z_image": z_image,
     "ovis_image": ovis_image,
     "wan22": wan22,
+    "flux_block": flux_block,
 }
 """Every model family cpfx is tested on, by name."""
-EXTRA = sorted(set(BUILDERS) - {"flux", "qwen", "wan"})
+EXTRA = sorted(set(BUILDERS) - {"flux", "qwen", "wan", "flux_block"})
 """The families beyond the three core ones (tested in tests/test_models.py)."""
 
 

@@ -66,6 +66,24 @@ class AttnSite:
     where: str
 
 
+# Ops that move no token across ranks and take no token-length argument: replaying them on a
+# global value is exact (see `_Sharder.full_version`).
+_REPLAYABLE = {
+    "unsqueeze",
+    "to",
+    "float",
+    "half",
+    "bfloat16",
+    "double",
+    "type",
+    "type_as",
+    "contiguous",
+    "clone",
+    "detach",
+    "getitem",
+}
+
+
 class _Gather(Exception):
     """Raised by a rule: this op cannot keep its inputs sharded; gather them first."""
 
@@ -172,6 +190,8 @@ class _Sharder:
         self.state: dict[fx.Node, Any] = {}
         self.slices: dict[tuple[fx.Node, int, Layout], fx.Node] = {}
         self.gathers: dict[fx.Node, fx.Node] = {}
+        self.full: dict[fx.Node, fx.Node] = {}
+        """sharded node -> a replicated node holding its global value (seeds, slices, replays)"""
         self.c = counters[PASS]
 
     # placements ---------------------------------------------------------------------------
@@ -192,6 +212,7 @@ class _Sharder:
             )
             s.meta["val"] = val(x)  # rules reason on global shapes until the pass ends
             self.state[s] = Shard(dim, layout)
+            self.full[s] = x
             self.slices[key] = s
             self.c["slice"] += 1
         return self.slices[key]
@@ -242,6 +263,7 @@ class _Sharder:
         s.meta["val"] = val(n)
         s.meta["cpfx_plan"] = ("seed", n.name, dim, size)
         self.state[s] = Shard(dim, layout)
+        self.full[s] = n
         for u in users:
             u.replace_input_with(n, s)
         self.c["seed"] += 1
@@ -299,6 +321,8 @@ class _Sharder:
             return None
         if op_name(n) == "pad_sequence" and any(x not in sharded for x in data):
             raise _Gather  # sequences must all be sharded alike: no replicated one to slice
+        if rules.is_pointwise_name(op_name(n)):
+            self.unify_layouts(n, sharded, data)
         outs = set()
         for x, sh in sharded.items():
             if x not in data:
@@ -319,6 +343,52 @@ class _Sharder:
             raise _Gather
         self.rewrite_shape_args(n, od, layout)
         return Shard(od, layout)
+
+    def unify_layouts(self, n: fx.Node, sharded: dict[fx.Node, Shard], data: list) -> None:
+        """Operands sharded with different layouts (a RoPE table passed in over the joined
+        [txt | img] sequence, split evenly, meets the joined stream, split per segment): re-slice
+        the ones whose global value a replicated node holds, with the others' layout; no gather."""
+        ops = [x for x in data if x in sharded]
+        if len({sharded[x].layout for x in ops}) < 2:
+            return
+        fixed = [x for x in ops if self.full_version(x) is None]
+        target = sharded[fixed[0] if fixed else ops[0]].layout
+        if any(sharded[x].layout != target for x in fixed):
+            return  # two computed streams disagree: the caller gathers
+        for x in dict.fromkeys(ops):
+            sh = sharded[x]
+            if sh.layout == target:
+                continue
+            s = self.slice_(self.full_version(x), sh.dim, target, n)
+            n.replace_input_with(x, s)
+            del sharded[x]
+            sharded[s] = Shard(sh.dim, target)
+            data[:] = [s if d is x else d for d in data]
+            self.c["reslice"] += 1
+
+    def full_version(self, x: fx.Node) -> fx.Node | None:
+        """A replicated node with the global value of sharded `x`: known for seeds and slices;
+        for a pointwise or layout-free op over such nodes, replayed on their global values."""
+        if x in self.full:
+            return self.full[x]
+        if x.op not in ("call_function", "call_method"):
+            return None
+        name = op_name(x)
+        if not (rules.is_pointwise_name(name) or name in _REPLAYABLE):
+            return None
+        if name == "getitem":
+            idx = x.args[1] if isinstance(x.args[1], tuple) else (x.args[1],)
+            if any(isinstance(i, fx.Node) for i in idx):
+                return None
+        inputs = {a: self.full_version(a) for a in x.all_input_nodes if self.shard_of(a)}
+        if not inputs or any(f is None for f in inputs.values()):
+            return None
+        with self.g.inserting_before(x):
+            c = self.g.node_copy(x, lambda a: inputs.get(a, a))
+        c.meta = dict(x.meta)
+        self.state[c] = None
+        self.full[x] = c
+        return c
 
     def slice_replicated(self, n, od, layout, data, sharded) -> None:
         """Replicated operands that carry the full token dim get this rank's slice (free)."""

@@ -186,3 +186,14 @@ def test_flux_single_block_mlp_runs_during_output_all_to_all():
     ]
     assert mlp and all(pos[o_start] < pos[n] < pos[o_wait] for n in mlp)
     assert cpfx.counters["overlap"]["deferred"] > 0
+
+
+def test_rope_tables_passed_in_are_resliced_not_gathered():
+    """A block driven directly gets cos/sin over the joined [txt | img] sequence: split evenly as
+    inputs, they meet the joined stream, split per segment, at the RoPE multiply. The tables are
+    re-sliced from the replicated inputs with the stream's layout instead of gathering the stream
+    (which used to leave the attention unsharded)."""
+    (gm,) = rewrite("flux_block", world=2)
+    st = cpfx.counters["shard_tokens"]
+    assert cpfx.counters["lower_attention"]["ulysses"] == 1
+    assert st["reslice"] >= 2 and st["gather"] == 1  # the gather is the output's

@@ -62,3 +62,12 @@ def test_flux_bf16(pools, world):
     res = pools(world).run("tests.tasks:parity", model="flux", dtype="bfloat16")
     for r in res:
         assert r["rel_l2"] <= 2e-2, r
+
+
+@pytest.mark.parametrize(
+    "world, mesh_names", [(2, ("ulysses",)), (3, ("ulysses",)), (2, ("ring",))]
+)
+def test_block_with_rope_tables_as_inputs(pools, world, mesh_names):
+    res = check(pools(world).run("tests.tasks:parity", model="flux_block", mesh_names=mesh_names))
+    assert res["counters"]["shard_tokens"]["reslice"] >= 2
+    assert sum(res["counters"]["lower_attention"].values()) == 1

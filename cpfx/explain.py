@@ -131,9 +131,10 @@ def explain(
 
 @contextlib.contextmanager
 def fake_world(world: int):
-    """Use the initialized process group, or a fake one of `world` ranks for this call."""
+    """Use the initialized process group, or a fake one of `world` ranks for this call.
+    Yields whether the group in use is a fake one (no real collectives can run on it)."""
     if dist.is_initialized():
-        yield False
+        yield dist.get_backend() == "fake"
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
 

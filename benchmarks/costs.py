@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
 
-from cpfx.measure import median_time, peak_bytes
+from cpfx.measure import median_time, peak_bytes, spawn_ranks
 
 FLUX = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
 QUICK = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
@@ -93,14 +90,14 @@ def bytes_table(cfg):
     return rows
 
 
-def _rank(rank, world, port, cfg, repeats, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank, world, q, cfg, repeats):
     torch.set_num_threads(1)
+    import importlib
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     import cpfx
-    import importlib
 
     be_mod = importlib.import_module("cpfx.backend")
     from cpfx import tiny
@@ -198,15 +195,7 @@ def main():
     )
     out["ranks"] = {}
     for world in [int(w) for w in args.worlds.split(",")]:
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        mp.start_processes(
-            _rank, args=(world, port, cfg, args.repeats, q), nprocs=world, start_method="spawn"
-        )
-        r = q.get()
+        r = spawn_ranks(_rank, world, cfg, args.repeats)
         out["ranks"][world] = r
         print(
             f"N={world}: forward {r['forward_s'] * 1e3:.1f} ms (speedup {s['forward_s'] / r['forward_s']:.2f}x), "

@@ -23,9 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
-
 from cpfx.kernels import fp8
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import socket
 import statistics
 import time
 
 import torch
-import torch.multiprocessing as mp
+
+from cpfx.measure import spawn_ranks
 
 
 def build(args: argparse.Namespace, device: str):
@@ -47,8 +46,7 @@ def build(args: argparse.Namespace, device: str):
     return m.to(device), kw
 
 
-def _rank(rank: int, args: argparse.Namespace, port: int, ref, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -120,12 +118,7 @@ def main() -> None:
     block, inputs = build(args, "cpu")
     with torch.no_grad():
         ref = block(**inputs)
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    q = mp.get_context("spawn").Queue()
-    mp.start_processes(_rank, args=(args, port, ref, q), nprocs=args.world, start_method="spawn")
-    r = q.get()
+    r = spawn_ranks(_rank, args.world, args, ref)
     r["config"] = vars(args)
     med = r["median_s"]
     print(

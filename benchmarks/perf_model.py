@@ -32,14 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
 
-from cpfx.measure import median_time
+from cpfx.measure import median_time, spawn_ranks
 
 CPU_CFG = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
 GPU_CFG = dict(img=4096, txt=512, heads=24, head_dim=128, layers=2, single=4)
@@ -91,8 +88,7 @@ def local_compute(cfg, world, device, dtype, repeats):
     return t, finite, sent
 
 
-def _rank(rank, world, port, cfg, device, repeats, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank, world, q, cfg, device, repeats):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -161,15 +157,7 @@ def part1(cfg, device, worlds, repeats):
         rows.append(row)
         if device == "cuda" and torch.cuda.device_count() < n:
             continue  # one rank per GPU: the real run and the link need n GPUs
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        mp.start_processes(
-            _rank, args=(n, port, cfg, device, repeats, q), nprocs=n, start_method="spawn"
-        )
-        real = q.get()
+        real = spawn_ranks(_rank, n, cfg, device, repeats)
         bw = real["a2a_sent_bytes"] / real["a2a_s"]
         t_comm = sent / bw
         row.update(

@@ -10,14 +10,11 @@ bytes each rank sends per forward.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
 
-from cpfx.measure import median_time
+from cpfx.measure import median_time, spawn_ranks
 
 
 def build(args: argparse.Namespace):
@@ -66,15 +63,14 @@ def single_process(args: argparse.Namespace) -> tuple[torch.Tensor, float, int]:
     return out, best[0], best[1]
 
 
-def rank_main(rank: int, args: argparse.Namespace, port: int, ref: torch.Tensor, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def rank_main(rank: int, world: int, q, args: argparse.Namespace, ref: torch.Tensor) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     import cpfx
 
-    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     if args.mesh == "usp":
         mesh = init_device_mesh("cpu", (2, args.world // 2), mesh_dim_names=("ring", "ulysses"))
     else:
@@ -116,15 +112,7 @@ def main() -> None:
     args = p.parse_args()
 
     ref, t_single, threads = single_process(args)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        rank_main, args=(args, port, ref, q), nprocs=args.world, start_method="spawn"
-    )
-    r = q.get()
+    r = spawn_ranks(rank_main, args.world, args, ref)
     tokens = args.image_tokens + args.text_tokens
     print(
         f"cpfx demo: FluxTransformer2DModel (tiny, random), {tokens} tokens, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -123,10 +124,14 @@ def _rank(rank, world, q, cfg, repeats):
         t0 = time.perf_counter()
         m(**kw)
         first = time.perf_counter() - t0
-        dist.barrier()
-        t_model = median_time(lambda: m(**kw), repeats)
-        dist.barrier()
-        t_graph = median_time(lambda: recorded["fn"](*recorded["args"]), repeats)
+        # Alternate the two calls (A B A B ...) so drift in the machine's load hits both alike.
+        times = {"model": [], "graph": []}
+        calls = {"model": lambda: m(**kw), "graph": lambda: recorded["fn"](*recorded["args"])}
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                dist.barrier()
+                times[name].append(median_time(fn, 1))
+        t_model, t_graph = (statistics.median(times[k]) for k in ("model", "graph"))
         dist.barrier()
         peak = peak_bytes(lambda: m(**kw))
     peaks = [None] * world

@@ -41,7 +41,7 @@ def _is_extern(n: fx.Node) -> bool:
     if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
         return False
     if t.namespace == "aten":
-        return t._opname in _EXTERN
+        return t.overloadpacket.__name__ in _EXTERN
     return t.namespace == "cpfx" and not is_collective_start(n)
 
 

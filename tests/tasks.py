@@ -203,8 +203,9 @@ def flux_pipeline(steps: int = 3) -> dict[str, float]:
     }
 
 
-def compiled(mode: str, mesh_name: str = "ulysses") -> dict[str, float]:
-    """`ParallelConfig(compile=True)` (inductor) or `torch.compile(backend="cpfx")` vs eager cpfx."""
+def compiled(mode: str, mesh_name: str = "ulysses", fp8: bool = False) -> dict[str, float]:
+    """`ParallelConfig(compile=True)` (inductor) or `torch.compile(backend="cpfx")` vs eager cpfx
+    (with the same `fp8_comm`)."""
     import cpfx
     from tests.models import build
 
@@ -214,18 +215,22 @@ def compiled(mode: str, mesh_name: str = "ulysses") -> dict[str, float]:
         ref = m(**kw)[0]
     mesh = make_mesh((dist.get_world_size(),), (mesh_name,))
     eager_m, _ = build("flux")
-    cpfx.parallelize(eager_m, mesh)
+    cpfx.parallelize(eager_m, mesh, cpfx.ParallelConfig(fp8_comm=fp8))
     with torch.no_grad():
         eager = eager_m(**kw)[0]
+        cpfx.reset_counters()  # from here on: the compiled model's passes only
         if mode == "inductor":
-            cpfx.parallelize(m, mesh, cpfx.ParallelConfig(compile=True))
+            cpfx.parallelize(m, mesh, cpfx.ParallelConfig(compile=True, fp8_comm=fp8))
             out = m(**kw)[0]
         else:
             out = torch.compile(m, backend="cpfx", dynamic=False)(**kw)[0]
     return {
         "vs_eager": (out - eager).abs().max().item(),
         "max_abs": (out - ref).abs().max().item(),
+        "rel_l2": ((out - ref).norm() / ref.norm()).item(),
+        "eager_rel_l2": ((eager - ref).norm() / ref.norm()).item(),
         "lowered": sum(cpfx.counters["lower_attention"].values()),
+        "fp8_ops": sum(cpfx.counters["fp8_comm"].values()),
     }
 
 

@@ -351,6 +351,13 @@ class _Sharder:
         ops = [x for x in data if x in sharded]
         if len({sharded[x].layout for x in ops}) < 2:
             return
+        # Only operands that land on the same output dim, over the same global length, can
+        # trade layouts (x[:, None] * y[None, :] pairs two token dims: left to the caller).
+        out_dims = [rules.out_dim(n, x, sharded[x].dim) for x in ops]
+        if any(not isinstance(d, int) or d != out_dims[0] for d in out_dims):
+            return
+        if len({sharded[x].layout.global_size for x in ops}) != 1:
+            return
         fixed = [x for x in ops if self.full_version(x) is None]
         target = sharded[fixed[0] if fixed else ops[0]].layout
         if any(sharded[x].layout != target for x in fixed):

@@ -117,9 +117,8 @@ def qwen(
         axes_dims_rope=(head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8),
     ).eval()
     g = _gen(seed)
-    mask = torch.ones(1, txt, dtype=torch.long)
-    mask[0, 2] = 0  # a hole inside the prompt
-    mask[0, txt - 2 :] = 0  # padding at the end
+    mask = _text_mask(txt)  # padding at the end
+    mask[0, 2] = 0  # and a hole inside the prompt
     kw = dict(
         hidden_states=torch.randn(1, h * w, 16, generator=g),
         encoder_hidden_states=torch.randn(1, txt, 32, generator=g),

@@ -66,22 +66,10 @@ class AttnSite:
     where: str
 
 
-# Ops that move no token across ranks and take no token-length argument: replaying them on a
-# global value is exact (see `_Sharder.full_version`).
-_REPLAYABLE = {
-    "unsqueeze",
-    "to",
-    "float",
-    "half",
-    "bfloat16",
-    "double",
-    "type",
-    "type_as",
-    "contiguous",
-    "clone",
-    "detach",
-    "getitem",
-}
+# Besides pointwise ops (`rules.is_pointwise_name`, which includes dtype casts and copies), ops
+# that move no token across ranks and take no token-length argument: replaying them on a global
+# value is exact (see `_Sharder.full_version`).
+_REPLAYABLE = {"unsqueeze", "getitem"}
 
 
 class _Gather(Exception):

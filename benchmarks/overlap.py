@@ -3,12 +3,13 @@
     python benchmarks/overlap.py [--world 2] [--block single|double] [--tokens 4096] [--json out.json]
     python benchmarks/overlap.py --device cuda --backend nccl --world 2   # one GPU per rank
     python benchmarks/overlap.py --device cuda --backend gloo --world 2   # ranks share GPU 0
+    python benchmarks/overlap.py ... --dtype bfloat16 --compile           # bf16, through inductor
 
 A tiny diffusers Flux with one block (the single-stream block computes its MLP independently of attention,
 so the output all-to-all can hide behind it; the double-stream block overlaps Q's all-to-all with
 the K/V projections) is parallelized twice on every rank, once with async_qkv=True (the overlap
 pass) and once with async_qkv=False (each all-to-all waited right after it starts). Both are
-checked against the single-process block, then called alternately A B A B ...; a call's time is
+checked against the single-process block (same device and dtype), then called alternately A B A B ...; a call's time is
 the slowest rank's (ranks start together after a barrier). Median of `--repeats` calls each.
 
 On a 2-core CPU machine the gloo threads compete with compute for the same cores, so little or
@@ -30,7 +31,8 @@ from cpfx.measure import spawn_ranks
 
 
 def build(args: argparse.Namespace, device: str):
-    """Tiny Flux with one block of the chosen kind (plus its embedders and output projection)."""
+    """Tiny Flux with one block of the chosen kind (plus its embedders and output projection), in
+    `--dtype` on `device`."""
     from cpfx import tiny
 
     m, kw = tiny.build(
@@ -42,8 +44,14 @@ def build(args: argparse.Namespace, device: str):
         layers=int(args.block == "double"),
         single=int(args.block == "single"),
     )
-    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
-    return m.to(device), kw
+    dtype = getattr(torch, args.dtype)
+    kw = {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+        if torch.is_tensor(v)
+        else v
+        for k, v in kw.items()
+    }
+    return m.to(device, dtype), kw
 
 
 def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
@@ -62,7 +70,8 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
     block, inputs = build(args, device)
     models = {"overlapped": block, "in_order": copy.deepcopy(block)}
     for name, m in models.items():
-        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(async_qkv=name == "overlapped"))
+        config = cpfx.ParallelConfig(async_qkv=name == "overlapped", compile=args.compile)
+        cpfx.parallelize(m, mesh, config)
     cpfx.reset_counters()
 
     def call(m):
@@ -76,7 +85,7 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
         errs = {}
         for name, m in models.items():
             out = call(m)  # first call compiles
-            errs[name] = (out[0].cpu() - ref[0]).abs().max().item()
+            errs[name] = (out[0].float().cpu() - ref).abs().max().item()
         if cpfx.counters["lower_attention"]["ulysses"] != 2:
             raise RuntimeError(f"expected one rewritten attention per copy: {dict(cpfx.counters)}")
         for i in range(args.warmup + args.repeats):
@@ -112,18 +121,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--compile", action="store_true", help="ParallelConfig(compile=True): inductor")
     p.add_argument("--json")
     args = p.parse_args()
 
-    block, inputs = build(args, "cpu")
+    block, inputs = build(args, args.device)
     with torch.no_grad():
-        ref = block(**inputs)
+        ref = block(**inputs)[0].float().cpu()
+    del block, inputs
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     r = spawn_ranks(_rank, args.world, args, ref)
     r["config"] = vars(args)
     med = r["median_s"]
     print(
         f"Flux {args.block}-stream block, {args.tokens}+{args.txt} tokens, {args.heads} heads x "
-        f"{args.head_dim}, {args.world} ranks ({args.device}, {args.backend}, {args.threads} thread(s))"
+        f"{args.head_dim}, {args.world} ranks ({args.device}, {args.backend}, {args.dtype}"
+        f"{', inductor' if args.compile else ''}, {args.threads} thread(s))"
     )
     for name in ("in_order", "overlapped"):
         print(

@@ -39,7 +39,7 @@ import torch
 from cpfx.measure import median_time, spawn_ranks
 
 CPU_CFG = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
-GPU_CFG = dict(img=4096, txt=512, heads=24, head_dim=128, layers=2, single=4)
+GPU_CFG = dict(img=4096, txt=512, heads=24, head_dim=128, layers=1, single=2)  # FLUX 1:2
 QUICK_CFG = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
 
 
@@ -61,13 +61,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def local_compute(cfg, world, device, dtype, repeats):
-    """T_local(N): rank 0's rewritten graph under a fake process group of `world` ranks; and the
-    bytes it sends per forward, counted from the graph."""
+def local_compute(model, kw, world, device, repeats):
+    """T_local(N): rank 0's rewritten graph (of a copy of `model`) under a fake process group of
+    `world` ranks; and the bytes it sends per forward, counted from the graph."""
+    import copy
+
     import cpfx
     from cpfx.explain import explain, fake_world
 
-    m, kw = build(cfg, device, dtype)
+    m = copy.deepcopy(model)
     torch._dynamo.reset()
     with fake_world(world), torch.no_grad():
         mesh = torch.distributed.device_mesh.init_device_mesh(
@@ -145,7 +147,7 @@ def part1(cfg, device, worlds, repeats):
         t1 = median_time(single, repeats)
     rows = []
     for n in worlds:
-        t_local, finite, sent = local_compute(cfg, n, device, dtype, repeats)
+        t_local, finite, sent = local_compute(m, kw, n, device, repeats)
         row = {
             "n": n,
             "t1_ms": t1 * 1e3,

@@ -30,6 +30,7 @@ Part 3, CUDA only: part 1's per-rank compute on this GPU (FLUX.1-dev-sized block
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -61,7 +62,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def local_compute(model, kw, world, device, repeats):
+def profile(label, fn, device, rows=12):
+    """Print where `fn`'s time goes: top ops by self device (CUDA) or CPU time, and the
+    host-device synchronizations and copies it makes per call."""
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    calls = 3
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+    avg = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {label} ({calls} calls) ---")
+    print(avg.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    syncs = {
+        e.key: e.count // calls
+        for e in avg
+        if any(w in e.key for w in ("Synchronize", "Memcpy", "_local_scalar_dense", "item"))
+    }
+    print(f"per call: {syncs or 'no host-device syncs or copies'}")
+
+
+def local_compute(model, kw, world, device, repeats, prof=False, compile=False):
     """T_local(N): rank 0's rewritten graph (of a copy of `model`) under a fake process group of
     `world` ranks; and the bytes it sends per forward, counted from the graph."""
     import copy
@@ -77,7 +100,7 @@ def local_compute(model, kw, world, device, repeats):
         )
         config = cpfx.ParallelConfig(check_collectives=False)
         sent = explain(m, mesh, config, print_table=False, **kw).bytes_per_forward
-        cpfx.parallelize(m, mesh, config)
+        cpfx.parallelize(m, mesh, dataclasses.replace(config, compile=compile))
         out = m(**kw)[0]
         finite = bool(torch.isfinite(out).all())
 
@@ -86,11 +109,13 @@ def local_compute(model, kw, world, device, repeats):
             _sync(device)
 
         t = median_time(run, repeats)
+        if prof:
+            profile(f"rank 0 of {world} (fake group)", run, device)
     torch._dynamo.reset()
     return t, finite, sent
 
 
-def _rank(rank, world, q, cfg, device, repeats):
+def _rank(rank, world, q, cfg, device, repeats, compile):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -105,7 +130,7 @@ def _rank(rank, world, q, cfg, device, repeats):
     mesh = torch.distributed.device_mesh.init_device_mesh(
         device, (world,), mesh_dim_names=("ulysses",)
     )
-    cpfx.parallelize(m, mesh)
+    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(compile=compile))
     el = torch.finfo(dtype).bits // 8
     s_local = math.ceil((cfg["img"] + cfg["txt"]) / world)
     msg = torch.randn(s_local, cfg["heads"] * cfg["head_dim"], device=device).to(dtype)
@@ -132,22 +157,25 @@ def _rank(rank, world, q, cfg, device, repeats):
     dist.destroy_process_group()
 
 
-def part1(cfg, device, worlds, repeats):
+def part1(cfg, device, worlds, repeats, prof=(), compile=False):
     """Measured T_1, T_local(N), bytes(N); bandwidth and T(N) where N devices exist (CPU: always)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.set_num_threads(1)
     m, kw = build(cfg, device, dtype)
+    run1 = torch.compile(m) if compile else m
 
     def single():
-        m(**kw)
+        run1(**kw)
         _sync(device)
 
     with torch.no_grad():
         single()
         t1 = median_time(single, repeats)
+        if prof:
+            profile("single process", single, device)
     rows = []
     for n in worlds:
-        t_local, finite, sent = local_compute(m, kw, n, device, repeats)
+        t_local, finite, sent = local_compute(m, kw, n, device, repeats, n in prof, compile)
         row = {
             "n": n,
             "t1_ms": t1 * 1e3,
@@ -159,7 +187,7 @@ def part1(cfg, device, worlds, repeats):
         rows.append(row)
         if device == "cuda" and torch.cuda.device_count() < n:
             continue  # one rank per GPU: the real run and the link need n GPUs
-        real = spawn_ranks(_rank, n, cfg, device, repeats)
+        real = spawn_ranks(_rank, n, cfg, device, repeats, compile)
         bw = real["a2a_sent_bytes"] / real["a2a_s"]
         t_comm = sent / bw
         row.update(
@@ -255,10 +283,16 @@ def main():
         default=None,
         help="GB/s per rank assumed for 8 L20s (default: the bandwidth Ulysses-4 implies)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="T1 through torch.compile, T_local with ParallelConfig(compile=True) (inductor)",
+    )
+    p.add_argument("--profile", default="", help="N,...: print a profile of T1 and T_local(N)")
     p.add_argument("--json")
     args = p.parse_args()
     cfg = QUICK_CFG if args.quick else (GPU_CFG if args.device == "cuda" else CPU_CFG)
-    out = {"config": cfg, "device": args.device}
+    out = {"config": cfg, "device": args.device, "compile": args.compile}
 
     p2 = out["flux_dev_l20"] = part2(args.bw8)
 
@@ -266,10 +300,18 @@ def main():
         int(w) for w in (args.worlds or ("2,4,8" if args.device == "cuda" else "2")).split(",")
     ]
     t0 = time.perf_counter()
-    out["measured"] = part1(cfg, args.device, worlds, args.repeats)
+    out["measured"] = part1(
+        cfg,
+        args.device,
+        worlds,
+        args.repeats,
+        {int(n) for n in args.profile.split(",") if n},
+        args.compile,
+    )
     print(
         f"Part 1: tiny Flux {cfg['img']}+{cfg['txt']} tokens, {cfg['heads']} heads x "
-        f"{cfg['head_dim']}, {cfg['layers']}+{cfg['single']} blocks, {args.device} "
+        f"{cfg['head_dim']}, {cfg['layers']}+{cfg['single']} blocks, {args.device}"
+        f"{', inductor' if args.compile else ''} "
         f"({time.perf_counter() - t0:.0f} s)"
     )
     print(

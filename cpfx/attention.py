@@ -306,7 +306,14 @@ def ring_attention(q, k, v, mask, spec: AttnSpec, h: int) -> torch.Tensor:
     st = (h, q_pieces, sizes[spec.ring_index])
     acc = acc_lse = None
     if spec.ring_rotate == "allgather":
-        full = comm.all_gather_rows(rows, R, spec.ring_group, role="kv")  # [R * S_max, B, 2h, D]
+        full = comm.all_gather_rows(  # [R * S_max, B, 2h, D]
+            rows,
+            R,
+            spec.ring_group,
+            "kv",
+            shape=(longest, spec.batch, 2 * h, spec.head_dim),
+            device_type=spec.device_type,
+        )
         blocks = [full.narrow(0, j * longest, sizes[j]) for j in range(R)]
         for j in range(R):
             acc, acc_lse = _ring_step(q, blocks[j], mask, spec, st, j, acc, acc_lse)

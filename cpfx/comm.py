@@ -40,9 +40,37 @@ def all_to_all(
     return tag(C10D.wait_tensor(t), cpfx_wait=role)
 
 
-def all_gather_rows(x: torch.Tensor, world: int, group_name: str, role: str = "") -> torch.Tensor:
-    """All-gather along dim 0 (equal row counts on every rank), concatenated in rank order."""
-    t = C10D.all_gather_into_tensor(x, world, group_name)
+def gathers_by_all_to_all(device_type: str, group_name: str) -> bool:
+    """Whether an all-gather must be sent as an all-to-all: gloo on CUDA tensors. torch 2.11's
+    gloo crashed the process (SIGSEGV) in `all_gather_into_tensor` on CUDA tensors on an H200,
+    while its CUDA all-to-all worked (two ranks sharing one GPU, the only way to run several ranks
+    on one GPU since NCCL refuses two ranks on a device)."""
+    if device_type == "cpu":
+        return False
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_backend(_resolve_process_group(group_name)) == "gloo"
+
+
+def all_gather_rows(
+    x: torch.Tensor,
+    world: int,
+    group_name: str,
+    role: str = "",
+    *,
+    shape: Sequence[int],
+    device_type: str,
+) -> torch.Tensor:
+    """All-gather along dim 0 (equal row counts on every rank), concatenated in rank order.
+    `shape` and `device_type` describe `x` (an FX proxy when traced into a graph)."""
+    if gathers_by_all_to_all(device_type, group_name):
+        # Every rank sends its block to each rank: the same bytes, the same result.
+        rows = shape[0]
+        t = C10D.all_to_all_single(
+            x.repeat(world, *[1] * (len(shape) - 1)), [rows] * world, [rows] * world, group_name
+        )
+    else:
+        t = C10D.all_gather_into_tensor(x, world, group_name)
     tag(t, cpfx_collective="all_gather", cpfx_role=role)
     return tag(C10D.wait_tensor(t), cpfx_wait=role)
 
@@ -61,6 +89,7 @@ def gather_tokens(
     ranks: Sequence[int],
     group_name: str,
     shape: Sequence[int],
+    device_type: str = "cpu",
 ) -> torch.Tensor:
     """All-gather a token-sharded tensor back to its global order (uneven shards included).
 
@@ -71,7 +100,10 @@ def gather_tokens(
     longest = max(sizes)
     rows = x.movedim(dim, 0).contiguous()  # [..., S_loc, ...] -> [S_loc, ...]
     rows = pad_rows(rows, shape[dim], longest, len(shape))
-    full = all_gather_rows(rows, len(ranks), group_name, role="gather")  # [N * S_max, ...]
+    gathered = [longest, *shape[:dim], *shape[dim + 1 :]]
+    full = all_gather_rows(
+        rows, len(ranks), group_name, "gather", shape=gathered, device_type=device_type
+    )  # [N * S_max, ...]
     located = []
     for i, r in enumerate(ranks):
         off = 0

@@ -215,7 +215,7 @@ class _Sharder:
                 self.g,
                 before,
                 comm.gather_tokens,
-                [x, sh.dim, sh.layout, ctx.cp_ranks, ctx.cp_group, shape],
+                [x, sh.dim, sh.layout, ctx.cp_ranks, ctx.cp_group, shape, val(x).device.type],
                 origin=before,
                 pass_name=PASS,
             )

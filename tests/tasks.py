@@ -286,3 +286,22 @@ def ring_leaves_nothing_pending() -> int:
     with torch.no_grad():
         m(**kw)
     return len(p2p._pending_sends)
+
+
+def gather_both_ways() -> dict[str, float]:
+    """`comm.all_gather_rows` as an all-gather and as the all-to-all it becomes for gloo on CUDA
+    (device_type="cuda" takes that route on gloo; the tensors stay on the CPU)."""
+    from cpfx import comm
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.group.WORLD.group_name
+    blocks = [torch.arange(24.0).reshape(3, 2, 4) + 100 * r for r in range(world)]
+    want = torch.cat(blocks)
+    out = {}
+    for device_type in ("cpu", "cuda"):
+        got = comm.all_gather_rows(
+            blocks[rank], world, group, shape=(3, 2, 4), device_type=device_type
+        )
+        out[device_type] = (got - want).abs().max().item()
+    out["routed"] = comm.gathers_by_all_to_all("cuda", group)
+    return out

@@ -141,3 +141,10 @@ def test_check_inputs_catches_rank_dependent_inputs(pools):
 
 def test_no_send_left_pending_after_forward(pools):
     assert pools(2).run("tests.tasks:ring_leaves_nothing_pending") == [0, 0]
+
+
+def test_gather_by_all_to_all_matches_all_gather(pools):
+    """gloo on CUDA tensors gathers through an all-to-all (torch 2.11's gloo all_gather crashed on
+    CUDA); both routes give the rank-ordered concatenation."""
+    for res in pools(3).run("tests.tasks:gather_both_ways"):
+        assert res == {"cpu": 0.0, "cuda": 0.0, "routed": True}

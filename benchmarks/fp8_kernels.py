@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from cpfx.kernels import fp8
 from torch import Tensor
+
+from cpfx.kernels import fp8
 
 log = logging.getLogger(__name__)
 

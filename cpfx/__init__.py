@@ -6,9 +6,7 @@ import torch._logging._internal as _torch_logging
 
 from cpfx import ops as _ops  # noqa: F401  (registers torch.ops.cpfx.*)
 from cpfx import p2p as _p2p  # noqa: F401
-from cpfx.kernels import fp8 as _fp8  # noqa: F401
 from cpfx.api import parallelize, sent_bytes_per_call
-from cpfx.explain import explain
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.debug import counters, reset_counters
@@ -19,6 +17,8 @@ from cpfx.errors import (
     RankDivergenceError,
     UnsupportedPatternError,
 )
+from cpfx.explain import explain
+from cpfx.kernels import fp8 as _fp8  # noqa: F401
 
 try:  # TORCH_LOGS=+cpfx turns on cpfx's loggers like torch's own
     _torch_logging.register_log("cpfx", ["cpfx"])

@@ -99,8 +99,8 @@ def explain(
         with torch.no_grad():
             unwrap_errors(torch.compile(model, backend=keep, dynamic=False))(*args, **kwargs)
         info = be.mesh_info
-        from cpfx.passes.check_collectives import sent_bytes
         from cpfx.backend import context_for
+        from cpfx.passes.check_collectives import sent_bytes
 
         ctx = context_for(info, config)
         report = Report(

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+import cpfx.ops  # noqa: F401  (registers torch.ops.cpfx.sharded_attention)
 from cpfx import comm, rules
 from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.errors import UnsupportedPatternError
 from cpfx.graph_utils import SDPA_PARAMS, is_sdpa, op_name, sdpa_args, splice, val
 from cpfx.layout import Layout
-import cpfx.ops  # noqa: F401  (registers torch.ops.cpfx.sharded_attention)
 
 log = logging.getLogger(__name__)
 PASS = "shard_tokens"

@@ -34,9 +34,10 @@ def rewrite(
     **config: Any,
 ) -> list[fx.GraphModule]:
     """The final per-rank graphs cpfx produces for a tiny model (not executed numerically)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     import cpfx
     from tests.models import build
-    from torch.distributed.device_mesh import init_device_mesh
 
     torch._dynamo.reset()
     cpfx.reset_counters()
@@ -87,10 +88,11 @@ def inductor_code(
 ) -> tuple[str, list[str]]:
     """Inductor's generated `call` for the cpfx-rewritten graph of a tiny model (fake process group),
     and the graph's placeholder names, in the order of inductor's `arg<i>_1` inputs."""
-    import cpfx
-    from tests.models import build
     from torch._inductor.utils import run_and_get_code
     from torch.distributed.device_mesh import init_device_mesh
+
+    import cpfx
+    from tests.models import build
 
     torch._dynamo.reset()
     m, kw = build(model)

@@ -29,6 +29,7 @@ def test_bad_config_values():
 
 def test_mesh_checks():
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
     from tests.models import build
 
     m, _ = build("flux")
@@ -74,8 +75,9 @@ class Attn(torch.nn.Module):
 
 
 def _compile(model, *args, world=2, names=("ulysses",), **config):
-    from cpfx.api import unwrap_errors
     from torch.distributed.device_mesh import init_device_mesh
+
+    from cpfx.api import unwrap_errors
 
     torch._dynamo.reset()
     with fake_world(world):

@@ -58,12 +58,7 @@ def bytes_table(cfg):
         ("usp", 4, ("ring", "ulysses"), (2, 2), False, torch.float32),
         ("ulysses", 4, ("ulysses",), (4,), True, torch.bfloat16),
     ]:
-        m, kw = tiny.build("flux", **cfg)
-        m = m.to(dt)
-        kw = {
-            k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in kw.items()
-        }
+        m, kw = tiny.build("flux", dtype=dt, **cfg)
         rep = explain(
             m,
             None,

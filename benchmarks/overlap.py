@@ -35,8 +35,10 @@ def build(args: argparse.Namespace, device: str):
     `--dtype` on `device`."""
     from cpfx import tiny
 
-    m, kw = tiny.build(
+    return tiny.build(
         "flux",
+        device=device,
+        dtype=getattr(torch, args.dtype),
         img=args.tokens,
         txt=args.txt,
         heads=args.heads,
@@ -44,14 +46,6 @@ def build(args: argparse.Namespace, device: str):
         layers=int(args.block == "double"),
         single=int(args.block == "single"),
     )
-    dtype = getattr(torch, args.dtype)
-    kw = {
-        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-        if torch.is_tensor(v)
-        else v
-        for k, v in kw.items()
-    }
-    return m.to(device, dtype), kw
 
 
 def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:

@@ -47,14 +47,7 @@ QUICK_CFG = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
 def build(cfg, device, dtype):
     from cpfx import tiny
 
-    m, kw = tiny.build("flux", **cfg)
-    kw = {
-        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-        if torch.is_tensor(v)
-        else v
-        for k, v in kw.items()
-    }
-    return m.to(device, dtype), kw
+    return tiny.build("flux", device=device, dtype=dtype, **cfg)
 
 
 def _sync(device):

@@ -641,5 +641,22 @@ EXTRA = sorted(set(BUILDERS) - {"flux", "qwen", "wan", "flux_block"})
 """The families beyond the three core ones (tested in tests/test_models.py)."""
 
 
-def build(name: str, **kw: Any):
-    return BUILDERS[name](**kw)
+def build(
+    name: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kw: Any,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, forward kwargs) of a builder; `device` / `dtype` move the model and the tensor
+    inputs (`dtype` only the floating-point ones: ids and masks keep theirs)."""
+    m, inputs = BUILDERS[name](**kw)
+    if device is None and dtype is None:
+        return m, inputs
+
+    def move(v: Any) -> Any:
+        if not torch.is_tensor(v):
+            return v
+        return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+
+    return m.to(device, dtype), {k: move(v) for k, v in inputs.items()}

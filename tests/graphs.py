@@ -41,12 +41,7 @@ def rewrite(
 
     torch._dynamo.reset()
     cpfx.reset_counters()
-    m, kw = build(model, **(model_kwargs or {}))
-    m = m.to(dtype)
-    kw = {
-        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-        for k, v in kw.items()
-    }
+    m, kw = build(model, dtype=dtype, **(model_kwargs or {}))
     graphs: list[fx.GraphModule] = []
     with fake_world(world, rank):
         mesh = init_device_mesh("cpu", mesh_shape or (world,), mesh_dim_names=mesh_names)

@@ -44,13 +44,7 @@ def parity(
     from tests.models import build
 
     _fresh()
-    m, kw = build(model, **(model_kwargs or {}))
-    dt = getattr(torch, dtype)
-    m = m.to(dt)
-    kw = {
-        k: (v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-        for k, v in kw.items()
-    }
+    m, kw = build(model, dtype=getattr(torch, dtype), **(model_kwargs or {}))
     with torch.no_grad():
         ref = _first(m(**kw)).float()
     mesh = make_mesh(mesh_shape or (dist.get_world_size(),), mesh_names)

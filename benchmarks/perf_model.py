@@ -264,6 +264,49 @@ def part2(bw8_gbps=None):
     return {"achieved_TFLOPs": achieved / 1e12, "flops_per_step": f1, "rows": rows}
 
 
+HOST_CFG = dict(img=16, txt=8, heads=8, head_dim=16, layers=1, single=2)
+
+
+def host_floor(worlds, repeats=300):
+    """Per-forward time at a size where the host's per-op dispatch dominates (CPU, 1 thread): the
+    single process (eager, and through Dynamo) vs rank 0's cpfx graph under the fake group, called
+    in turns (medians), one N at a time."""
+    import copy
+
+    import cpfx
+    from cpfx.explain import fake_world
+
+    torch.set_num_threads(1)
+    m, kw = build(HOST_CFG, "cpu", torch.float32)
+    res = {}
+    for n in worlds:
+        torch._dynamo.reset()
+        rank = copy.deepcopy(m)
+        with fake_world(n), torch.no_grad():
+            mesh = torch.distributed.device_mesh.init_device_mesh(
+                "cpu", (n,), mesh_dim_names=("ulysses",)
+            )
+            cpfx.parallelize(rank, mesh, cpfx.ParallelConfig(check_collectives=False))
+            fns = {
+                "single_eager": m,
+                "single_dynamo": torch.compile(m, backend="eager"),
+                f"rank_of_{n}": rank,
+            }
+            times = {k: [] for k in fns}
+            for _ in range(3):
+                for f in fns.values():
+                    f(**kw)
+            for _ in range(repeats):
+                for k, f in fns.items():
+                    t0 = time.perf_counter()
+                    f(**kw)
+                    times[k].append(time.perf_counter() - t0)
+        for k, v in times.items():
+            res.setdefault(k + "_ms", []).append(sorted(v)[len(v) // 2] * 1e3)
+    torch._dynamo.reset()
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -282,8 +325,25 @@ def main():
         help="T1 through torch.compile, T_local with ParallelConfig(compile=True) (inductor)",
     )
     p.add_argument("--profile", default="", help="N,...: print a profile of T1 and T_local(N)")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="only the host-overhead floor: tiny sizes on CPU, single process vs a rank's graph",
+    )
     p.add_argument("--json")
     args = p.parse_args()
+    if args.host:
+        res = host_floor([int(w) for w in (args.worlds or "2,8").split(",")])
+        print(
+            "host time per forward, CPU 1 thread, tiny Flux 16+8 tokens, 1+2 blocks (ms; "
+            "medians of calls in turns, one column per N):"
+        )
+        for k, v in res.items():
+            print(f"  {k[:-3]:<14}" + "".join(f"{t:8.2f}" for t in v))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     cfg = QUICK_CFG if args.quick else (GPU_CFG if args.device == "cuda" else CPU_CFG)
     out = {"config": cfg, "device": args.device, "compile": args.compile}
 

@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -302,7 +303,7 @@ def host_floor(worlds, repeats=300):
                     f(**kw)
                     times[k].append(time.perf_counter() - t0)
         for k, v in times.items():
-            res.setdefault(k + "_ms", []).append(sorted(v)[len(v) // 2] * 1e3)
+            res.setdefault(k + "_ms", []).append(statistics.median(v) * 1e3)
     torch._dynamo.reset()
     return res
 

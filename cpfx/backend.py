@@ -70,12 +70,14 @@ def compile_graph(
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
     ctx = context_for(info, config, graph_id=graph_id, fake_inputs=fake, fake_mode=mode)
-    gm = run_passes(gm, ctx, build_pipeline(config), rank=info.cp_rank)
+    passes = build_pipeline(config)
+    gm = run_passes(gm, ctx, passes, rank=info.cp_rank)
     if config.compile:
         from cpfx.inductor import compile_with_inductor
 
-        keep = config.async_qkv and "overlap" not in config.skip_passes
-        return compile_with_inductor(gm, example_inputs, keep_schedule=keep)
+        # Pin the order only if the overlap pass set one (it is in the pipeline and not skipped).
+        ran = {name for name, _ in passes} - set(config.skip_passes)
+        return compile_with_inductor(gm, example_inputs, keep_schedule="overlap" in ran)
     return gm.forward
 
 

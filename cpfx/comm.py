@@ -89,7 +89,7 @@ def gather_tokens(
     ranks: Sequence[int],
     group_name: str,
     shape: Sequence[int],
-    device_type: str = "cpu",
+    device_type: str,
 ) -> torch.Tensor:
     """All-gather a token-sharded tensor back to its global order (uneven shards included).
 

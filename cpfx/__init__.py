@@ -16,6 +16,7 @@ from cpfx.errors import (
     PassError,
     RankDivergenceError,
     UnsupportedPatternError,
+    VerificationError,
 )
 from cpfx.explain import explain
 from cpfx.kernels import fp8 as _fp8  # noqa: F401
@@ -32,6 +33,7 @@ __all__ = [
     "PassError",
     "RankDivergenceError",
     "UnsupportedPatternError",
+    "VerificationError",
     "backend",
     "counters",
     "explain",

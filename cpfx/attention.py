@@ -2,11 +2,15 @@
 
 `cp_attention` is an ordinary function of (q, k, v, mask) plus a frozen `AttnSpec`; the lowering
 pass traces it into the graph in place of each `cpfx::sharded_attention` placeholder, and tests
-run it eagerly. Strategy follows the mesh:
+run it eagerly. Queries and keys/values may be sharded with different layouts (`AttnSite`).
+Strategy follows the mesh:
 
     Ulysses (U > 1):  [B, H, S/N, D] -all-to-all-> [B, H/U, S/R, D]  (sequence gathered in the group)
     ring    (R > 1):  K/V blocks of the R ring peers visited, outputs merged by log-sum-exp (fp32)
     hybrid:           Ulysses inside the group, ring across groups, all-to-all back.
+
+Payloads cross the all-to-alls through a codec: plain, or FP8 (e4m3 bytes plus an inline fp32
+scale per (token, head) row, `cpfx.kernels.fp8`).
 """
 
 from __future__ import annotations
@@ -17,222 +21,209 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from cpfx import comm
 from cpfx.graph_utils import tag
-from cpfx.layout import Layout
+from cpfx.mesh import MeshInfo
+from cpfx.sharding.layout import Layout, Range
+from cpfx.sharding.placement import take_pieces
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class AttnSpec:
-    """Everything static a sharded attention needs, fixed per rank at compile time."""
+class AttnSite:
+    """One attention over a sharded sequence, as the shard plan found it."""
 
-    layout: Layout
-    """Token layout of q, k and v (self-attention: all the same)."""
+    q_layout: Layout
+    kv_layout: Layout
     batch: int
     heads: int
     kv_heads: int
     head_dim: int
+    value_dim: int
     scale: float | None
     enable_gqa: bool
-    device_type: str
-    cp_rank: int
-    ulysses: int
-    """Ulysses degree U (1: no all-to-all)."""
-    ring: int
-    """Ring degree R (1: no ring)."""
-    ulysses_index: int
-    ring_index: int
-    ulysses_group: str
-    ring_group: str
+    causal: bool
+    dtype: torch.dtype
+    mask_shape: tuple[int, ...] | None
+    """Global mask shape, left-padded with 1s to 4-D ([B|1, H|1, Sq|1, Sk|1]); None: no mask."""
+    mask_ndim: int
+    mask_is_bool: bool
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnSpec:
+    """Everything static one rank's sharded attention needs."""
+
+    site: AttnSite
+    mesh: MeshInfo
     ring_rotate: Literal["allgather", "p2p"] = "p2p"
     head_padding: Literal["pad", "uneven"] = "pad"
-    ring_ranks: tuple[int, ...] = ()
-    """Global ranks of the ring group in ring order (peers for p2p)."""
-    dtype: torch.dtype = torch.float32
-    mask_shape: tuple[int, ...] | None = None
-    """Global mask shape, left-padded with 1s to 4-D ([B|1, H|1, Sq|1, Sk|1]); None: no mask."""
-    mask_ndim: int = 4
-    mask_is_bool: bool = True
-
-    def cp_rank_of(self, ring_index: int, ulysses_index: int) -> int:
-        return ring_index * self.ulysses + ulysses_index
+    fp8_roles: frozenset[str] = frozenset()
+    """Roles ("q", "k", "v", "o") whose all-to-all payload travels as FP8."""
 
     def group_ranks(self, ring_index: int) -> list[int]:
         """CP ranks whose tokens form ring block `ring_index` after the Ulysses all-to-all."""
-        return [self.cp_rank_of(ring_index, u) for u in range(self.ulysses)]
+        U = self.mesh.ulysses
+        return [ring_index * U + u for u in range(U)]
 
-    def block_pieces(self, ring_index: int) -> list[tuple[int, int]]:
-        return self.layout.ranks_pieces(self.group_ranks(ring_index))
+    def q_pieces(self, ring_index: int) -> list[Range]:
+        return self.site.q_layout.ranks_pieces(self.group_ranks(ring_index))
 
-    def block_len(self, ring_index: int) -> int:
-        return sum(n for _, n in self.block_pieces(ring_index))
+    def kv_pieces(self, ring_index: int) -> list[Range]:
+        return self.site.kv_layout.ranks_pieces(self.group_ranks(ring_index))
 
-    def seq_sizes(self) -> tuple[int, list[int]]:
-        """(this rank's token count, the token counts of its Ulysses group in rank order)."""
-        group = self.group_ranks(self.ring_index)
-        return self.layout.local_size(self.cp_rank), [self.layout.local_size(r) for r in group]
+    def seq_sizes(self, layout: Layout) -> tuple[int, list[int]]:
+        """(this rank's token count, the counts of its Ulysses group in rank order)."""
+        group = self.group_ranks(self.mesh.ring_index)
+        return layout.local_size(self.mesh.cp_rank), [layout.local_size(r) for r in group]
 
     def head_sizes(self, heads: int) -> list[int]:
         """Heads per Ulysses rank: uneven groups (padding-free) or padded equal groups."""
-        if self.head_padding == "uneven":
-            base, rem = divmod(heads, self.ulysses)
-            return [base + (j < rem) for j in range(self.ulysses)]
-        return [-(-heads // self.ulysses)] * self.ulysses
+        U = self.mesh.ulysses
+        if self.head_padding == "uneven" and heads % U:
+            base, rem = divmod(heads, U)
+            return [base + (j < rem) for j in range(U)]
+        return [-(-heads // U)] * U
 
     def head_range(self, heads: int) -> tuple[int, int]:
         sizes = self.head_sizes(heads)
-        return sum(sizes[: self.ulysses_index]), sizes[self.ulysses_index]
+        return sum(sizes[: self.mesh.ulysses_index]), sizes[self.mesh.ulysses_index]
 
     @property
     def local_heads(self) -> int:
         """Query heads this rank attends over after the Ulysses all-to-all."""
-        return self.head_sizes(self.heads)[self.ulysses_index]
-
-    @property
-    def padded_heads(self) -> int:
-        return -(-self.heads // self.ulysses) * self.ulysses
-
-    @property
-    def padded_kv_heads(self) -> int:
-        return -(-self.kv_heads // self.ulysses) * self.ulysses
+        return self.head_sizes(self.site.heads)[self.mesh.ulysses_index]
 
 
-# --- Ulysses all-to-alls --------------------------------------------------------------------
+# --- payload codecs ----------------------------------------------------------------------------
 
 
-def seq_to_heads(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torch.Tensor:
-    """[B, H, S_loc, D] -> [B, Hp/U, S_blk, D]: scatter heads, gather this group's tokens."""
-    U, B, D = spec.ulysses, spec.batch, spec.head_dim
-    s_loc, sizes = spec.seq_sizes()
-    hp = -(-heads // U) * U
-    if hp != heads:
-        x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))  # zero heads, dropped after attention
-    x = x.reshape(B, U, hp // U, s_loc, D).permute(1, 3, 0, 2, 4)  # -> [U, S_loc, B, Hp/U, D]
-    x = x.reshape(U * s_loc, B, hp // U, D)
-    y = comm.all_to_all(x, sizes, [s_loc] * U, spec.ulysses_group, role)  # [S_blk, B, Hp/U, D]
-    return y.permute(1, 2, 0, 3)  # -> [B, Hp/U, S_blk, D]
+class Plain:
+    """The payload as it is: [B, H, S, D] <-> rows [G, S, B, H/G, D]."""
+
+    @staticmethod
+    def width(d: int) -> int:
+        return d
+
+    @staticmethod
+    def encode(x: Tensor, groups: int) -> Tensor:
+        B, H, S, D = x.shape
+        return x.reshape(B, groups, H // groups, S, D).permute(1, 3, 0, 2, 4)
+
+    @staticmethod
+    def decode(rows: Tensor, dtype: torch.dtype) -> Tensor:
+        G, S, B, h, D = rows.shape
+        return rows.permute(2, 0, 3, 1, 4).reshape(B, G * h, S, D)
 
 
-def seq_to_heads_fp8(x: torch.Tensor, spec: AttnSpec, heads: int, role: str) -> torch.Tensor:
-    """`seq_to_heads` with an FP8 payload: e4m3 bytes + inline fp32 scale per (token, head)."""
-    U, B, D = spec.ulysses, spec.batch, spec.head_dim
-    s_loc, sizes = spec.seq_sizes()
-    hp = -(-heads // U) * U
-    if hp != heads:
-        x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))
-    packed = torch.ops.cpfx.fp8_quantize(x, U)  # [B, Hp, S_loc, D] -> u8 [U, S_loc, B, Hp/U, D+4]
-    packed = packed.reshape(U * s_loc, B, hp // U, D + 4)
-    y = comm.all_to_all(
-        packed, sizes, [s_loc] * U, spec.ulysses_group, role
-    )  # u8 [S_blk, B, Hp/U, D+4]
-    y = y.reshape(1, sum(sizes), B, hp // U, D + 4)
-    return torch.ops.cpfx.fp8_dequantize(y, spec.dtype)  # -> [B, Hp/U, S_blk, D]
+class Fp8:
+    """e4m3 bytes + the fp32 scale of each (token, head) row, inline: uint8 rows of D + 4."""
+
+    @staticmethod
+    def width(d: int) -> int:
+        return d + 4
+
+    @staticmethod
+    def encode(x: Tensor, groups: int) -> Tensor:
+        return torch.ops.cpfx.fp8_quantize(x, groups)
+
+    @staticmethod
+    def decode(rows: Tensor, dtype: torch.dtype) -> Tensor:
+        return torch.ops.cpfx.fp8_dequantize(rows, dtype)
 
 
-def heads_to_seq(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
-    """[B, Hp/U, S_blk, D] -> [B, H, S_loc, D]: the inverse all-to-all, padded heads dropped."""
-    U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
-    s_loc, sizes = spec.seq_sizes()
-    hp = spec.padded_heads
-    y = y.permute(2, 0, 1, 3).contiguous()  # -> [S_blk, B, Hp/U, D]
-    x = comm.all_to_all(y, [s_loc] * U, sizes, spec.ulysses_group, "o")  # [U * S_loc, B, Hp/U, D]
-    x = x.reshape(U, s_loc, B, hp // U, D).permute(2, 0, 3, 1, 4)  # -> [B, U, Hp/U, S_loc, D]
-    x = x.reshape(B, hp, s_loc, D)
-    return x[:, :H] if hp != H else x
+def _codec(spec: AttnSpec, role: str) -> type[Plain] | type[Fp8]:
+    return Fp8 if role in spec.fp8_roles else Plain
 
 
-def heads_to_seq_fp8(y: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
-    """`heads_to_seq` with an FP8 payload."""
-    U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
-    s_loc, sizes = spec.seq_sizes()
-    hp = spec.padded_heads
-    packed = torch.ops.cpfx.fp8_quantize(y, 1)  # [B, Hp/U, S_blk, D] -> u8 [1, S_blk, B, Hp/U, D+4]
-    packed = packed.reshape(sum(sizes), B, hp // U, D + 4)
-    x = comm.all_to_all(packed, [s_loc] * U, sizes, spec.ulysses_group, "o")  # u8 [U*S_loc, ...]
-    x = torch.ops.cpfx.fp8_dequantize(x.reshape(U, s_loc, B, hp // U, D + 4), spec.dtype)
-    return x[:, :H] if hp != H else x  # [B, Hp, S_loc, D] -> [B, H, S_loc, D]
+# --- Ulysses all-to-alls -----------------------------------------------------------------------
 
 
-def seq_to_heads_uneven(x, spec: AttnSpec, heads: int, role: str, fp8: bool = False):
-    """Padding-free all-to-all for uneven head groups: one flat buffer with per-rank byte counts.
-
-    [B, H, S_loc, D] -> [B, h_me, S_blk, D]; with `fp8`, rows travel as e4m3 + inline scale."""
-    U, B, D = spec.ulysses, spec.batch, spec.head_dim
-    s_loc, sizes = spec.seq_sizes()
+def seq_to_heads(x: Tensor, spec: AttnSpec, heads: int, role: str, layout: Layout) -> Tensor:
+    """[B, H, S_loc, D] -> [B, h_me, S_blk, D]: scatter heads, gather this group's tokens."""
+    U, B, D = spec.mesh.ulysses, spec.site.batch, x.shape[-1]
+    codec = _codec(spec, role)
+    W = codec.width(D)
+    s_loc, sizes = spec.seq_sizes(layout)
     hs = spec.head_sizes(heads)
-    me = hs[spec.ulysses_index]
-    if fp8:
-        rows, w = torch.ops.cpfx.fp8_quantize(x, 1).reshape(s_loc, B, heads, D + 4), D + 4
-    else:
-        rows, w = x.permute(2, 0, 1, 3), D  # [B, H, S_loc, D] -> [S_loc, B, H, D]
-    offs = [sum(hs[:j]) for j in range(U)]
-    buf = torch.cat([rows.narrow(2, offs[j], hs[j]).reshape(-1) for j in range(U)])
-    y = comm.all_to_all(
-        buf,
-        [n * B * me * w for n in sizes],
-        [s_loc * B * h * w for h in hs],
-        spec.ulysses_group,
-        role,
-    )  # flat: peer j's [S_j, B, h_me, w] in order
-    y = y.reshape(sum(sizes), B, me, w)
-    if fp8:
-        return torch.ops.cpfx.fp8_dequantize(y.reshape(1, sum(sizes), B, me, w), spec.dtype)
-    return y.permute(1, 2, 0, 3)  # -> [B, h_me, S_blk, D]
+    me = hs[spec.mesh.ulysses_index]
+    if len(set(hs)) == 1:  # equal groups, zero heads padded in if needed (dropped afterwards)
+        hp = hs[0] * U
+        if hp != heads:
+            x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))
+        rows = codec.encode(x, U).reshape(U * s_loc, B, hs[0], W)  # [U * S_loc, B, Hp/U, W]
+        y = comm.all_to_all(rows, sizes, [s_loc] * U, spec.mesh.ulysses_group, role)
+    else:  # uneven head groups, padding-free: a flat buffer with per-peer element counts
+        rows = codec.encode(x, 1).reshape(s_loc, B, heads, W)
+        offs = [sum(hs[:j]) for j in range(U)]
+        buf = torch.cat([rows.narrow(2, offs[j], hs[j]).reshape(-1) for j in range(U)])
+        y = comm.all_to_all(
+            buf,
+            [n * B * me * W for n in sizes],
+            [s_loc * B * h * W for h in hs],
+            spec.mesh.ulysses_group,
+            role,
+        )  # flat: peer j's [S_j, B, h_me, W], in peer order
+    return codec.decode(y.reshape(1, sum(sizes), B, me, W), spec.site.dtype)  # [B, h_me, S_blk, D]
 
 
-def heads_to_seq_uneven(y, spec: AttnSpec, fp8: bool = False):
-    """Inverse of `seq_to_heads_uneven`: [B, h_me, S_blk, D] -> [B, H, S_loc, D]."""
-    U, B, D, H = spec.ulysses, spec.batch, spec.head_dim, spec.heads
-    s_loc, sizes = spec.seq_sizes()
+def heads_to_seq(y: Tensor, spec: AttnSpec) -> Tensor:
+    """[B, h_me, S_blk, D] -> [B, H, S_loc, D]: the inverse all-to-all, padded heads dropped."""
+    U, B, H, D = spec.mesh.ulysses, spec.site.batch, spec.site.heads, y.shape[-1]
+    codec = _codec(spec, "o")
+    W = codec.width(D)
+    s_loc, sizes = spec.seq_sizes(spec.site.q_layout)
     hs = spec.head_sizes(H)
-    me = hs[spec.ulysses_index]
-    if fp8:
-        rows, w = torch.ops.cpfx.fp8_quantize(y, 1).reshape(-1), D + 4
-    else:
-        rows, w = y.permute(2, 0, 1, 3).contiguous().reshape(-1), D  # [S_blk, B, h_me, D]
+    me = hs[spec.mesh.ulysses_index]
+    rows = codec.encode(y, 1)  # [1, S_blk, B, h_me, W]
+    if len(set(hs)) == 1:
+        x = comm.all_to_all(
+            rows.reshape(sum(sizes), B, me, W), [s_loc] * U, sizes, spec.mesh.ulysses_group, "o"
+        )  # [U * S_loc, B, Hp/U, W]
+        out = codec.decode(x.reshape(U, s_loc, B, me, W), spec.site.dtype)  # [B, Hp, S_loc, D]
+        return out[:, :H] if me * U != H else out
+    counts = [s_loc * B * h * W for h in hs]
     x = comm.all_to_all(
-        rows,
-        [s_loc * B * h * w for h in hs],
-        [n * B * me * w for n in sizes],
-        spec.ulysses_group,
-        "o",
-    )  # flat: peer j's [S_loc, B, h_j, w] in order
-    counts = [s_loc * B * h * w for h in hs]
-    parts = [x.narrow(0, sum(counts[:j]), counts[j]).reshape(s_loc, B, hs[j], w) for j in range(U)]
-    x = torch.cat(parts, 2)  # -> [S_loc, B, H, w]
-    if fp8:
-        return torch.ops.cpfx.fp8_dequantize(x.reshape(1, s_loc, B, H, w), spec.dtype)
-    return x.permute(1, 2, 0, 3)  # -> [B, H, S_loc, D]
+        rows.reshape(-1), counts, [n * B * me * W for n in sizes], spec.mesh.ulysses_group, "o"
+    )  # flat: peer j's [S_loc, B, h_j, W], in peer order
+    parts = [x.narrow(0, sum(counts[:j]), counts[j]).reshape(s_loc, B, hs[j], W) for j in range(U)]
+    return codec.decode(torch.cat(parts, 2).reshape(1, s_loc, B, H, W), spec.site.dtype)
 
 
 # --- masks -----------------------------------------------------------------------------------
 
 
+def _positions(like: Tensor, pieces: list[Range]) -> Tensor:
+    return torch.ops.cpfx.positions(like, [s for s, _ in pieces], [n for _, n in pieces])
+
+
 def local_mask(
-    mask: torch.Tensor | None,
-    spec: AttnSpec,
-    q_pieces: list[tuple[int, int]],
-    k_pieces: list[tuple[int, int]],
-) -> torch.Tensor | None:
-    """The part of a global [.., Sq, Sk] mask that this rank's queries and key block need."""
+    mask: Tensor | None, spec: AttnSpec, q_pieces: list[Range], k_pieces: list[Range], like: Tensor
+) -> Tensor | None:
+    """The part of the global [.., Sq, Sk] mask that these queries and this key block need (for
+    causal attention, built from the global positions of both; `like` gives the device)."""
+    site = spec.site
+    if site.causal:
+        return _positions(like, q_pieces)[:, None] >= _positions(like, k_pieces)[None, :]
     if mask is None:
         return None
     m = mask
-    for _ in range(4 - spec.mask_ndim):
+    for _ in range(4 - site.mask_ndim):
         m = m.unsqueeze(0)
-    shape = spec.mask_shape
-    if shape[1] > 1 and spec.ulysses > 1:  # per-head mask: keep this rank's head group
+    shape = site.mask_shape
+    if shape[1] > 1 and spec.mesh.ulysses > 1:  # per-head mask: keep this rank's head group
         start, n = spec.head_range(shape[1])
         if start + n > shape[1]:  # padded heads: their (discarded) rows may use any mask
             m = torch.cat([m, m.narrow(1, 0, 1).expand(-1, start + n - shape[1], -1, -1)], 1)
         m = m.narrow(1, start, n)
     if shape[2] > 1:
-        m = comm.take_pieces(m, 2, q_pieces)
+        m = take_pieces(m, 2, q_pieces)
     if shape[3] > 1:
-        m = comm.take_pieces(m, 3, k_pieces)
+        m = take_pieces(m, 3, k_pieces)
     return m
 
 
@@ -240,44 +231,39 @@ def local_mask(
 
 
 def attention_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    spec: AttnSpec,
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: AttnSpec,
     shape: tuple[int, int, int, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one K/V block: (out [B, h, Sq, D] in q's dtype, lse [B, h, Sq] fp32).
+) -> tuple[Tensor, Tensor]:
+    """Attention of one K/V block: (out [B, h, Sq, Dv] in q's dtype, lse [B, h, Sq] fp32).
 
     `shape` is the static [B, h, Sq, Sk] of the score matrix."""
+    site = spec.site
+    is_bool = site.mask_is_bool or site.causal  # static: `mask` may be an FX proxy here
     bias = None
     if mask is not None:
-        if spec.mask_is_bool:
-            bias = torch.where(mask, 0.0, float("-inf")).to(spec.dtype)
-        else:
-            bias = mask.to(spec.dtype)
-    if spec.device_type == "cpu":
+        bias = torch.where(mask, 0.0, float("-inf")).to(site.dtype) if is_bool else mask.to(site.dtype)
+    if spec.mesh.device_type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=spec.scale
+            q, k, v, 0.0, False, attn_mask=bias, scale=site.scale
         )
     else:
         if bias is not None:
             bias = bias.expand(shape)
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, False, scale=spec.scale
+            q, k, v, bias, True, 0.0, False, scale=site.scale
         )
         lse = lse[..., : shape[2]]
     lse = lse.float()
     if mask is not None:
         # A row with no allowed key in this block contributes nothing (the CPU kernel reports 0).
-        allowed = (mask if spec.mask_is_bool else mask > float("-inf")).any(-1)
+        allowed = (mask if is_bool else mask > float("-inf")).any(-1)
         lse = lse.masked_fill(allowed.logical_not(), float("-inf"))
     return out, lse
 
 
 def merge_lse(
-    acc: torch.Tensor | None, acc_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    acc: Tensor | None, acc_lse: Tensor | None, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor]:
     """Fold one block's (out, lse) into the fp32 running (acc, acc_lse)."""
     out = out.float()
     if acc is None:
@@ -292,57 +278,68 @@ def merge_lse(
 # --- ring -------------------------------------------------------------------------------------
 
 
-def ring_attention(q, k, v, mask, spec: AttnSpec, h: int) -> torch.Tensor:
+def _pack_kv(k: Tensor, v: Tensor) -> Tensor:
+    """[B, h, S, D], [B, h, S, Dv] -> rows [S, B, h * (D + Dv)]: one transfer per block."""
+    B, h, S, _ = k.shape
+    rows = [t.permute(2, 0, 1, 3).reshape(S, B, -1) for t in (k, v)]
+    return torch.cat(rows, -1)
+
+
+def _unpack_kv(rows: Tensor, h: int, d: int) -> tuple[Tensor, Tensor]:
+    S, B, _ = rows.shape
+    k = rows[..., : h * d].reshape(S, B, h, d).permute(1, 2, 0, 3)
+    v = rows[..., h * d :].reshape(S, B, h, -1).permute(1, 2, 0, 3)
+    return k, v
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: AttnSpec,
+                   h: int) -> Tensor:
     """Each rank's queries against every ring block of K/V; fp32 log-sum-exp merge.
 
-    q, k, v: [B, h, S_blk, D] (h heads on this rank after any Ulysses all-to-all)."""
-    R = spec.ring
-    q_pieces = spec.block_pieces(spec.ring_index)
-    sizes = [spec.block_len(j) for j in range(R)]
+    q: [B, h, S_q, D], k/v: [B, h, S_kv, D|Dv] (this rank's block after any Ulysses all-to-all)."""
+    R, me, site = spec.mesh.ring, spec.mesh.ring_index, spec.site
+    B, D = site.batch, site.head_dim
+    q_pieces = spec.q_pieces(me)
+    s_q = sum(n for _, n in q_pieces)
+    sizes = [sum(n for _, n in spec.kv_pieces(j)) for j in range(R)]
     longest = max(sizes)
-    kv = torch.cat([k, v], 1)  # K and V travel together: one transfer per block
-    rows = kv.permute(2, 0, 1, 3).contiguous()  # [B, 2h, S_blk, D] -> [S_blk, B, 2h, D]
-    rows = comm.pad_rows(rows, sizes[spec.ring_index], longest, 4)
-    st = (h, q_pieces, sizes[spec.ring_index])
+    rows = comm.pad_rows(_pack_kv(k, v), sizes[me], longest, 3)  # [S_max, B, h * (D + Dv)]
+    width = h * (D + site.value_dim)
+
+    def step(blk: Tensor, j: int, acc, acc_lse):
+        if sizes[j] == 0 or s_q == 0:
+            return acc, acc_lse  # an empty block adds nothing (and empty kernels may crash)
+        k_j, v_j = _unpack_kv(blk, h, D)
+        m_j = local_mask(mask, spec, q_pieces, spec.kv_pieces(j), q)
+        out, lse = attention_lse(q, k_j, v_j, m_j, spec, (B, h, s_q, sizes[j]))
+        return merge_lse(acc, acc_lse, out, lse)
+
     acc = acc_lse = None
     if spec.ring_rotate == "allgather":
-        full = comm.all_gather_rows(  # [R * S_max, B, 2h, D]
-            rows,
-            R,
-            spec.ring_group,
-            "kv",
-            shape=(longest, spec.batch, 2 * h, spec.head_dim),
-            device_type=spec.device_type,
+        full = comm.all_gather_rows(  # [R * S_max, B, h * (D + Dv)]
+            rows, R, spec.mesh.ring_group, "kv", shape=(longest, B, width),
+            device_type=spec.mesh.device_type,
         )
-        blocks = [full.narrow(0, j * longest, sizes[j]) for j in range(R)]
         for j in range(R):
-            acc, acc_lse = _ring_step(q, blocks[j], mask, spec, st, j, acc, acc_lse)
+            acc, acc_lse = step(full.narrow(0, j * longest, sizes[j]), j, acc, acc_lse)
     else:
         cur = rows
-        for step in range(R):
-            j = (spec.ring_index - step) % R  # the block that arrives at this step
-            nxt = ring_shift(cur, spec) if step + 1 < R else None  # in flight during this step
-            blk = cur.narrow(0, 0, sizes[j]) if sizes[j] != longest else cur
-            acc, acc_lse = _ring_step(q, blk, mask, spec, st, j, acc, acc_lse)
+        for i in range(R):
+            j = (me - i) % R  # the block that arrives at this step
+            nxt = ring_shift(cur, spec) if i + 1 < R else None  # in flight during this step
+            acc, acc_lse = step(cur.narrow(0, 0, sizes[j]), j, acc, acc_lse)
             if nxt is not None:
                 cur = tag(comm.C10D.wait_tensor(nxt), cpfx_wait="ring")
+    if acc is None:  # no query on this rank, or no key anywhere
+        return q.new_zeros(B, h, s_q, site.value_dim)
     return acc.to(q.dtype)
 
 
-def _ring_step(q, rows, mask, spec, st, j, acc, acc_lse):
-    h, q_pieces, s_q = st
-    blk = rows.permute(1, 2, 0, 3)  # [S_j, B, 2h, D] -> [B, 2h, S_j, D]
-    k_j, v_j = blk[:, :h], blk[:, h:]
-    m_j = local_mask(mask, spec, q_pieces, spec.block_pieces(j))
-    out, lse = attention_lse(q, k_j, v_j, m_j, spec, (spec.batch, h, s_q, spec.block_len(j)))
-    return merge_lse(acc, acc_lse, out, lse)
-
-
-def ring_shift(x: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
+def ring_shift(x: Tensor, spec: AttnSpec) -> Tensor:
     """Send `x` to the next ring rank, receive the previous rank's (async; wait with wait_tensor)."""
-    me = spec.ring_index
-    nxt = spec.ring_ranks[(me + 1) % spec.ring]
-    prv = spec.ring_ranks[(me - 1) % spec.ring]
+    m = spec.mesh
+    nxt = m.ring_ranks[(m.ring_index + 1) % m.ring]
+    prv = m.ring_ranks[(m.ring_index - 1) % m.ring]
     t = torch.ops.cpfx.ring_send_recv(x, nxt, prv)
     return tag(t, cpfx_collective="ring_send_recv", cpfx_role="kv")
 
@@ -350,39 +347,34 @@ def ring_shift(x: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
 # --- the whole thing ---------------------------------------------------------------------------
 
 
-def cp_attention(q, k, v, mask, spec: AttnSpec) -> torch.Tensor:
+def cp_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: AttnSpec) -> Tensor:
     """Exact attention over the full (sharded) sequence; q/k/v are this rank's [B, H, S_loc, D]."""
-    gqa = spec.enable_gqa and spec.kv_heads != spec.heads
-    kv_heads = spec.kv_heads
-    if gqa and (spec.ring > 1 or spec.kv_heads % spec.ulysses or spec.heads % spec.ulysses):
+    site, mesh = spec.site, spec.mesh
+    gqa = site.enable_gqa and site.kv_heads != site.heads
+    kv_heads = site.kv_heads
+    if gqa and (mesh.ring > 1 or site.kv_heads % mesh.ulysses or site.heads % mesh.ulysses):
         # K/V head groups must line up with the query head groups of each rank.
-        rep = spec.heads // spec.kv_heads  # expand K/V heads so they can be split like Q's
+        rep = site.heads // site.kv_heads  # expand K/V heads so they can be split like Q's
         k = k.repeat_interleave(rep, 1)
         v = v.repeat_interleave(rep, 1)
-        gqa, kv_heads = False, spec.heads
-    if spec.ulysses > 1:
-        q = _a2a_in(q, spec, spec.heads, "q")
-        k = _a2a_in(k, spec, kv_heads, "k")
-        v = _a2a_in(v, spec, kv_heads, "v")
-    if spec.ring > 1:
+        gqa, kv_heads = False, site.heads
+    if mesh.ulysses > 1:
+        q = seq_to_heads(q, spec, site.heads, "q", site.q_layout)
+        k = seq_to_heads(k, spec, kv_heads, "k", site.kv_layout)
+        v = seq_to_heads(v, spec, kv_heads, "v", site.kv_layout)
+    if mesh.ring > 1:
         out = ring_attention(q, k, v, mask, spec, spec.local_heads)
     else:
-        pieces = spec.block_pieces(spec.ring_index)
-        m = local_mask(mask, spec, pieces, pieces)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=spec.scale, enable_gqa=gqa)
-    if spec.ulysses > 1:
-        back = (
-            heads_to_seq_uneven(out, spec) if _uneven(spec, spec.heads) else heads_to_seq(out, spec)
-        )
-        out = tag(back, cpfx_a2a=("o", out, spec, spec.heads))
+        q_pieces, k_pieces = spec.q_pieces(mesh.ring_index), spec.kv_pieces(mesh.ring_index)
+        if not q_pieces or not k_pieces:  # nothing to attend here (empty kernels may crash)
+            h = spec.local_heads if mesh.ulysses > 1 else site.heads
+            s_q = sum(n for _, n in q_pieces)
+            out = q.new_zeros(site.batch, h, s_q, site.value_dim)
+        else:
+            m = local_mask(mask, spec, q_pieces, k_pieces, q)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=m, scale=site.scale, enable_gqa=gqa
+            )
+    if mesh.ulysses > 1:
+        out = heads_to_seq(out, spec)
     return out
-
-
-def _uneven(spec: AttnSpec, heads: int) -> bool:
-    return spec.head_padding == "uneven" and heads % spec.ulysses != 0
-
-
-def _a2a_in(x, spec: AttnSpec, heads: int, role: str):
-    """seq_to_heads, with its endpoints recorded so `fp8_comm` can swap the implementation."""
-    fn = seq_to_heads_uneven if _uneven(spec, heads) else seq_to_heads
-    return tag(fn(x, spec, heads, role), cpfx_a2a=(role, x, spec, heads))

@@ -3,10 +3,16 @@
 `torch.compile(model, backend="cpfx")` (registered through the `torch_dynamo_backends` entry
 point) uses a 1-D Ulysses mesh over the whole default process group and the default config;
 `cpfx.backend(mesh, config)` gives a configured one.
+
+Each Dynamo graph is functionalized by AOTAutograd (`cpfx.capture`); the functional ATen graph
+goes through the pass pipeline (`cpfx.pipeline`) and runs as an FX GraphModule, or through
+inductor with `ParallelConfig(compile=True)`.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -14,37 +20,98 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from cpfx import capture
 from cpfx.config import ParallelConfig
 from cpfx.context import PassContext
 from cpfx.debug import env_dump_dir
+from cpfx.errors import CpfxError
 from cpfx.mesh import MeshInfo, mesh_info
-from cpfx.pipeline import build_pipeline, run_passes
+from cpfx.pipeline import active_passes, build_pipeline, run_passes
 
 log = logging.getLogger(__name__)
 
 
-def backend(mesh: Any = None, config: ParallelConfig | None = None) -> Callable[..., Any]:
-    """A Dynamo backend callable that parallelizes every graph it receives."""
-    config = config or ParallelConfig()
-    if config.dump_dir is None and env_dump_dir():
+class CpfxBackend:
+    """A Dynamo backend that parallelizes every graph it receives. `graphs` keeps the rewritten
+    graphs (for inspection), `mesh_info` this rank's place on the mesh."""
+
+    def __init__(self, mesh: Any = None, config: ParallelConfig | None = None) -> None:
+        config = config or ParallelConfig()
         import dataclasses
+        import os
 
-        config = dataclasses.replace(config, dump_dir=env_dump_dir())
-    info = mesh_info(mesh, config)
-    graph_ids = itertools.count()
+        if config.dump_dir is None and env_dump_dir():
+            config = dataclasses.replace(config, dump_dir=env_dump_dir())
+        if not config.verify and os.environ.get("CPFX_VERIFY", "") not in ("", "0"):
+            config = dataclasses.replace(config, verify=True)
+        self.config = config
+        self.mesh_info: MeshInfo = mesh_info(mesh, config)
+        self.graphs: list[fx.GraphModule] = []
+        self._ids = itertools.count()
 
-    graphs: list[fx.GraphModule] = []
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        graph_id = next(self._ids)
+        if self.mesh_info.world == 1:
+            return gm.forward
+        _refuse_autograd(gm, example_inputs)
+        compile_fn = functools.partial(self.compile_aten, graph_id=graph_id)
+        return capture.functionalize(gm, example_inputs, compile_fn)
 
-    def cpfx_compile(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        fn = compile_graph(gm, example_inputs, info, config, next(graph_ids))
-        graphs.append(gm)
+    def compile_aten(
+        self, gm: fx.GraphModule, example_inputs: list[Any], graph_id: int = 0
+    ) -> Callable[..., Any]:
+        """Run the pipeline on one functional ATen graph; return what executes it."""
+        config = self.config
+        fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+        fake = tuple(
+            fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not _is_fake(x) else x
+            for x in example_inputs
+        )
+        ctx = PassContext(config, self.mesh_info, graph_id, fake, fake_mode)
+        reference = copy.deepcopy(gm) if config.verify else None
+        passes = build_pipeline(config)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # AOTAutograd's fake mode: off for the passes' own checks
+            gm = run_passes(gm, ctx, passes)
+        self.graphs.append(gm)
+        if config.compile:
+            from cpfx.inductor import compile_with_inductor
+
+            keep = any(p.sets_schedule for p in active_passes(passes, config))
+            fn = compile_with_inductor(gm, list(fake), keep_schedule=keep)
+        else:
+            fn = gm.forward
+        if reference is not None:
+            from cpfx.verify import verify_first_call
+
+            fn = verify_first_call(fn, gm, reference, ctx)
         return fn
 
-    cpfx_compile.mesh_info = info  # type: ignore[attr-defined]
-    cpfx_compile.graphs = graphs  # type: ignore[attr-defined]  (rewritten graphs, for inspection)
-    return cpfx_compile
+
+def _is_fake(x: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
+
+
+def _refuse_autograd(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+    if torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    ):
+        raise CpfxError(
+            "cpfx: this call records autograd (grad mode on, and parameters or inputs require "
+            "grad); cpfx parallelizes inference only. Call the model under torch.no_grad() or "
+            "torch.inference_mode(), or call model.requires_grad_(False)."
+        )
+
+
+def backend(mesh: Any = None, config: ParallelConfig | None = None) -> CpfxBackend:
+    """A Dynamo backend callable that parallelizes every graph it receives."""
+    return CpfxBackend(mesh, config)
 
 
 def cpfx_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -55,47 +122,4 @@ def cpfx_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[...,
     return _default(gm, example_inputs)
 
 
-_default: Callable[..., Any] | None = None
-
-
-def compile_graph(
-    gm: fx.GraphModule,
-    example_inputs: list[Any],
-    info: MeshInfo,
-    config: ParallelConfig,
-    graph_id: int = 0,
-) -> Callable[..., Any]:
-    if info.world == 1:
-        return gm.forward
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
-    ctx = context_for(info, config, graph_id=graph_id, fake_inputs=fake, fake_mode=mode)
-    passes = build_pipeline(config)
-    gm = run_passes(gm, ctx, passes, rank=info.cp_rank)
-    if config.compile:
-        from cpfx.inductor import compile_with_inductor
-
-        # Pin the order only if the overlap pass set one (it is in the pipeline and not skipped).
-        ran = {name for name, _ in passes} - set(config.skip_passes)
-        return compile_with_inductor(gm, example_inputs, keep_schedule="overlap" in ran)
-    return gm.forward
-
-
-def context_for(info: MeshInfo, config: ParallelConfig, **extra: Any) -> PassContext:
-    """The pass context of this rank on `info`'s mesh."""
-    return PassContext(
-        config=config,
-        world=info.world,
-        cp_rank=info.cp_rank,
-        cp_group=info.cp_group,
-        ulysses=info.ulysses,
-        ring=info.ring,
-        ulysses_index=info.ulysses_index,
-        ring_index=info.ring_index,
-        ulysses_group=info.ulysses_group,
-        ring_group=info.ring_group,
-        ring_ranks=info.ring_ranks,
-        device_type=info.device_type,
-        check_group=info.check_group,
-        **extra,
-    )
+_default: CpfxBackend | None = None

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from cpfx.graph_utils import tag
-from cpfx.layout import Layout, merge_runs
+from cpfx.sharding.layout import Layout, merge_runs
 
 log = logging.getLogger(__name__)
 C10D = torch.ops._c10d_functional

@@ -52,6 +52,18 @@ class ParallelConfig:
     max_recompiles: int = 8
     """Hard cap on graph recompilations (new shapes/dtypes) per parallelized model."""
 
+    verify: bool = False
+    """On the first call of each compiled graph, also run the unparallelized graph on the same
+    inputs and compare every value this rank holds with its slice of the single-process value;
+    raise `cpfx.VerificationError` naming the first op that differs. Costs one single-process
+    forward and keeps all of its intermediate values in memory for that call. Also set by
+    CPFX_VERIFY=1."""
+
+    replicate: tuple[str, ...] = ()
+    """Module paths (e.g. "transformer_blocks.3.attn") whose ops cpfx must not shard: their inputs
+    are gathered and they run on the whole sequence on every rank. An explicit override of the
+    inferred plan, for bisecting or for modules cpfx shards badly."""
+
     def __post_init__(self) -> None:
         if self.ring_rotate not in ("allgather", "p2p"):
             raise ConfigError(

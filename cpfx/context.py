@@ -1,4 +1,4 @@
-"""The frozen context every pass receives: who this rank is on the mesh, and the config."""
+"""The frozen context every pass receives: this rank's place on the mesh, and the config."""
 
 from __future__ import annotations
 
@@ -6,33 +6,51 @@ import dataclasses
 from typing import Any
 
 from cpfx.config import ParallelConfig
+from cpfx.mesh import MeshInfo
 
 
 @dataclasses.dataclass(frozen=True)
 class PassContext:
     config: ParallelConfig
-    world: int
-    """Context-parallel degree N = ring * ulysses (the whole mesh)."""
-    cp_rank: int
-    """This rank's index along the flattened ("ring", "ulysses") mesh: ring_index * U + ulysses_index."""
-    cp_group: str
-    """Group name of the whole CP group (gathers of sharded tensors)."""
-    ulysses: int = 1
-    ring: int = 1
-    ulysses_index: int = 0
-    ring_index: int = 0
-    ulysses_group: str = ""
-    ring_group: str = ""
-    ring_ranks: tuple[int, ...] = ()
-    """Global ranks of this rank's ring group, in ring order."""
-    device_type: str = "cpu"
+    mesh: MeshInfo
     graph_id: int = 0
     fake_inputs: tuple[Any, ...] = ()
     """Fake example inputs of the captured graph, to refresh `meta["val"]` after a rewrite."""
     fake_mode: Any = None
-    check_group: Any = None
-    """A gloo group over the CP ranks for small CPU-side checks (fingerprints, input hashes)."""
+
+    # Read-only views of the mesh, for passes that name these facts directly.
+    @property
+    def world(self) -> int:
+        return self.mesh.world
 
     @property
-    def cp_ranks(self) -> list[int]:
-        return list(range(self.world))
+    def cp_rank(self) -> int:
+        return self.mesh.cp_rank
+
+    @property
+    def cp_group(self) -> str:
+        return self.mesh.cp_group
+
+    @property
+    def ulysses(self) -> int:
+        return self.mesh.ulysses
+
+    @property
+    def ring(self) -> int:
+        return self.mesh.ring
+
+    @property
+    def ulysses_index(self) -> int:
+        return self.mesh.ulysses_index
+
+    @property
+    def ulysses_group(self) -> str:
+        return self.mesh.ulysses_group
+
+    @property
+    def ring_group(self) -> str:
+        return self.mesh.ring_group
+
+    @property
+    def check_group(self) -> Any:
+        return self.mesh.check_group

@@ -21,3 +21,8 @@ class RankDivergenceError(CpfxError):
 
 class PassError(CpfxError):
     """A graph pass failed; wraps the original exception with the pass name."""
+
+
+class VerificationError(CpfxError):
+    """`ParallelConfig(verify=True)`: a value on some rank differs from its slice of the
+    single-process value; names the first op (in graph order) where that happens."""

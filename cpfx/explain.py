@@ -34,12 +34,14 @@ class Report:
     collectives: list[tuple[str, str, int]]
     """(kind, role, bytes sent by rank 0) per collective of one forward."""
     counters: dict[str, dict[str, int]]
+    placements: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    """(node, op, placement, rule) for every op of the planned graphs (`--verbose`)."""
 
     @property
     def bytes_per_forward(self) -> int:
         return sum(b for _, _, b in self.collectives)
 
-    def table(self) -> str:
+    def table(self, verbose: bool = False) -> str:
         lines = [
             f"cpfx plan: world={self.world} mesh={self.mesh} strategies={self.strategy}",
             "",
@@ -57,6 +59,9 @@ class Report:
         lines.append(
             f"{'total':<36}{len(self.collectives):>6}{self.bytes_per_forward / 1e6:>14.3f}"
         )
+        if verbose:
+            lines += ["", f"{'node':<32}{'op':<40}{'placement':<34}rule"]
+            lines += [f"{n:<32}{op:<40}{p:<34}{r}" for n, op, p, r in self.placements]
         return "\n".join(lines)
 
 
@@ -69,12 +74,14 @@ def explain(
     mesh_shape: tuple[int, ...] | None = None,
     mesh_dim_names: tuple[str, ...] = ("ulysses",),
     print_table: bool = True,
+    verbose: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Build cpfx's graphs for `model(*args, **kwargs)` and describe them (see module doc)."""
     import cpfx
     from cpfx.api import unwrap_errors
-    from cpfx.passes.shard_tokens import where
+    from cpfx.context import PassContext
+    from cpfx.passes.check_collectives import sent_bytes
 
     config = dataclasses.replace(config or ParallelConfig(), check_collectives=True)
     torch._dynamo.reset()
@@ -89,20 +96,9 @@ def explain(
         if fake:
             config = dataclasses.replace(config, check_collectives=False)
         be = cpfx.backend(mesh, config)
-        graphs: list[fx.GraphModule] = []
-
-        def keep(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
-            fn = be(gm, example_inputs)
-            graphs.append(gm)
-            return fn
-
         with torch.no_grad():
-            unwrap_errors(torch.compile(model, backend=keep, dynamic=False))(*args, **kwargs)
+            unwrap_errors(torch.compile(model, backend=be, dynamic=False))(*args, **kwargs)
         info = be.mesh_info
-        from cpfx.backend import context_for
-        from cpfx.passes.check_collectives import sent_bytes
-
-        ctx = context_for(info, config)
         report = Report(
             world=info.world,
             mesh={"ring": info.ring, "ulysses": info.ulysses},
@@ -113,20 +109,36 @@ def explain(
             collectives=[],
             counters={k: dict(v) for k, v in cpfx.counters.items()},
         )
-        for gm in graphs:
-            for n in gm.graph.nodes:
-                p = n.meta.get("cpfx_plan")
-                if p and p[0] == "seed":
-                    report.sliced.append((p[1], p[2], p[3], where(n)))
-                elif p and p[0] == "gather":
-                    report.gathered.append((p[1], p[2]))
-                if "cpfx_strategy" in n.meta:
-                    report.attentions.append((n.meta["cpfx_strategy"], where(n)))
+        ctx = PassContext(config, info)
+        for gm in be.graphs:
+            _describe(gm, report)
             report.collectives += sent_bytes(gm, ctx)
     torch._dynamo.reset()
     if print_table:
-        print(report.table())
+        print(report.table(verbose))
     return report
+
+
+def _describe(gm: fx.GraphModule, report: Report) -> None:
+    """Read one rewritten graph's plan into the report."""
+    from cpfx.graph_utils import where
+
+    for n in gm.graph.nodes:
+        if "cpfx_seed" in n.meta:
+            name, dim, size, src = n.meta["cpfx_seed"]
+            report.sliced.append((name, dim, size, src))
+        if "cpfx_gather" in n.meta:
+            report.gathered.append(n.meta["cpfx_gather"])
+        if "cpfx_strategy" in n.meta:
+            report.attentions.append((n.meta["cpfx_strategy"], where(n)))
+    plan = gm.meta.get("cpfx_shard_plan")
+    if plan is None:
+        return
+    for n, np_ in plan.nodes.items():
+        if n.op != "call_function":
+            continue
+        rule = np_.decision.rule if np_.decision is not None else ("seed" if np_.seed else "")
+        report.placements.append((n.name, str(n.target), repr(np_.placement), rule))
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import operator
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 SDPA_TARGETS = (
     torch._C._nn.scaled_dot_product_attention,
     torch.nn.functional.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
 )
 SDPA_PARAMS = (
     "query",
@@ -61,12 +62,31 @@ def val(n: Any) -> Any:
     return n
 
 
-def is_tensor_node(n: Any) -> bool:
-    return isinstance(n, fx.Node) and isinstance(val(n), torch.Tensor)
+def where(n: fx.Node) -> str:
+    """`module.path (file:line)` of the model code a node came from, for messages."""
+    stack = n.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = re.sub(r"(__dict__)?\['_modules'\]\['([^']+)'\]", r".\2", path)
+        path = re.sub(r"^(L\['self'\]|L__self___)?\.?", "", path).replace("..", ".")
+    trace = (n.meta.get("stack_trace") or "").strip().splitlines()
+    line = trace[-2].strip() if len(trace) >= 2 else ""
+    return f"{path or n.name} ({line})" if line else (path or n.name)
 
 
-def tensor_inputs(n: fx.Node) -> list[fx.Node]:
-    return [a for a in n.all_input_nodes if is_tensor_node(a)]
+def module_path(n: fx.Node) -> str:
+    """The dotted path of the innermost module a node came from ('' if unknown)."""
+    return where(n).split(" (")[0] if n.meta.get("nn_module_stack") else ""
+
+
+def is_mutating(n: fx.Node) -> bool:
+    """Whether the op writes into one of its arguments (its schema says so). Graphs cpfx plans on
+    are functional, so only ops cpfx itself might add could; this keeps the scheduler honest."""
+    schema = getattr(n.target, "_schema", None)
+    if n.op != "call_function" or schema is None:
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 def copy_origin_meta(new: fx.Node, origin: fx.Node, pass_name: str) -> None:
@@ -118,9 +138,3 @@ def tag(x: Any, **meta: Any) -> Any:
     if isinstance(x, Proxy):
         x.node.meta.update({k: _unproxy(v) for k, v in meta.items()})
     return x
-
-
-def getitem_users(n: fx.Node) -> dict[int, fx.Node]:
-    return {
-        u.args[1]: u for u in n.users if u.op == "call_function" and u.target is operator.getitem
-    }

@@ -21,3 +21,16 @@ def sharded_attention(
 @sharded_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("cpfx::positions", mutates_args=())
+def positions(like: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+    """The global positions `start .. start + length - 1` of each piece, concatenated (int64, on
+    `like`'s device): which tokens a shard holds, for masks built from positions (causal)."""
+    parts = [torch.arange(s, s + n, device=like.device) for s, n in zip(starts, lengths)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=like.device)
+
+
+@positions.register_fake
+def _(like: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+    return like.new_empty(sum(lengths), dtype=torch.long)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -20,86 +21,94 @@ from cpfx.passes.shard_tokens import shard_tokens_pass
 
 log = logging.getLogger(__name__)
 
-Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
-REQUIRED = ("shard_tokens", "lower_attention")
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+    required: bool = False
+    """Skipping it would leave a graph that cannot run (`skip_passes` refuses it)."""
+    refresh_meta: bool = False
+    """Later passes read `meta["val"]` of the nodes it creates: re-propagate fake values after it."""
+    sets_schedule: bool = False
+    """It orders the collectives for overlap: inductor must keep that order."""
 
 
-def build_pipeline(config: ParallelConfig) -> list[tuple[str, Pass]]:
+def build_pipeline(config: ParallelConfig) -> list[Pass]:
     """The ordered list of passes for `config`."""
-    passes: list[tuple[str, Pass]] = [
-        # First decide what is sharded: every later pass works on local shapes.
-        ("shard_tokens", shard_tokens_pass),
-        # Then choose Ulysses / ring / hybrid per attention; creates the collectives.
-        ("lower_attention", lower_attention_pass),
-    ]
+    # First decide what is sharded: every later pass works on local shapes.
+    passes = [Pass("shard_tokens", shard_tokens_pass, required=True, refresh_meta=True)]
     if config.fp8_comm:
         from cpfx.passes.fp8_comm import fp8_comm_pass
 
-        # Rewrites the Q/V/O all-to-alls lowering created; must precede scheduling.
-        passes.append(("fp8_comm", fp8_comm_pass))
-    passes.append(("cleanup", cleanup_pass))
+        # Chooses the payload codec of each attention's all-to-alls: read by the lowering.
+        passes.append(Pass("fp8_comm", fp8_comm_pass))
+    # Then choose Ulysses / ring / hybrid per attention; creates the collectives.
+    passes.append(Pass("lower_attention", lower_attention_pass, required=True))
+    passes.append(Pass("cleanup", cleanup_pass))
     if config.async_qkv:
         from cpfx.passes.overlap import overlap_pass
 
         # Last rewrite: moves starts early and waits late over the final set of collectives.
-        passes.append(("overlap", overlap_pass))
+        passes.append(Pass("overlap", overlap_pass, sets_schedule=True))
     if config.check_collectives:
         from cpfx.passes.check_collectives import check_collectives_pass
 
         # Reads the final order of collectives; must run after every pass that changes it.
-        passes.append(("check_collectives", check_collectives_pass))
+        passes.append(Pass("check_collectives", check_collectives_pass))
     return passes
 
 
-def run_passes(
-    gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]], rank: int = 0
-) -> fx.GraphModule:
-    """Apply `passes` in order: time, lint, refresh metadata, dump, and name the pass on error."""
-    skip = set(ctx.config.skip_passes)
-    bad = skip & set(REQUIRED)
+def active_passes(passes: list[Pass], config: ParallelConfig) -> list[Pass]:
+    """The passes that run under `config.skip_passes` (refusing to skip a required one)."""
+    skip = set(config.skip_passes)
+    bad = sorted(p.name for p in passes if p.required and p.name in skip)
     if bad:
         raise CpfxError(
-            f"cannot skip required passes {sorted(bad)}; skippable: "
-            f"{[n for n, _ in passes if n not in REQUIRED]}"
+            f"cannot skip required passes {bad}; skippable: "
+            f"{[p.name for p in passes if not p.required]}"
         )
+    return [p for p in passes if p.name not in skip]
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.GraphModule:
+    """Apply `passes` in order: time, lint, refresh metadata, dump, and name the pass on error."""
     dump = ctx.config.dump_dir
-    active = [n for n, _ in passes if n not in skip]
+    rank = ctx.mesh.cp_rank
+    active = active_passes(passes, ctx.config)
     # meta["val"] is re-propagated (about as costly as one fake forward) only where it is read:
-    # after shard_tokens (lowering reads local shapes) and after the last rewrite (byte counts,
-    # inductor, dumps); passes in between do not read it.
-    refresh_after = {"shard_tokens", [n for n in active if n != "check_collectives"][-1]}
-    log.info("cpfx pipeline: %s", ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(passes)))
+    # after passes that say so, and after the last rewrite (byte counts, inductor, dumps).
+    last_rewrite = [p.name for p in active if p.name != "check_collectives"][-1]
+    log.info("cpfx pipeline: %s", ", ".join(f"{i}:{p.name}" for i, p in enumerate(passes)))
     if dump:
-        debug.write_dump(dump, rank, ctx.graph_id, 0, "captured", gm, "captured by Dynamo")
-    for i, (name, fn) in enumerate(passes, start=1):
-        if name in skip:
-            log.info("skipping pass %s", name)
+        debug.write_dump(dump, rank, ctx.graph_id, 0, "captured", gm, "captured")
+    for i, p in enumerate(passes, start=1):
+        if p not in active:
+            log.info("skipping pass %s", p.name)
             continue
         n_before = len(gm.graph.nodes)
         c_before = len(debug.collective_nodes(gm))
         t0 = time.perf_counter()
         try:
-            out = fn(gm, ctx)
+            out = p.fn(gm, ctx)
             if not isinstance(out, fx.GraphModule):
                 raise TypeError(f"returned {type(out).__name__}, not a GraphModule")
             gm = out
             gm.graph.lint()
-            if name in refresh_after:
+            if p.refresh_meta or p.name == last_rewrite:
                 refresh_meta(gm, ctx)
         except CpfxError:
             raise
         except Exception as e:  # noqa: BLE001 - wrapped with the pass name
-            raise PassError(f"cpfx pass '{name}' failed: {type(e).__name__}: {e}") from e
+            raise PassError(f"cpfx pass '{p.name}' failed: {type(e).__name__}: {e}") from e
         dt = time.perf_counter() - t0
-        n_after = len(gm.graph.nodes)
-        c_after = len(debug.collective_nodes(gm))
         header = (
-            f"pass {i}: {name}  {dt * 1e3:.1f} ms  nodes {n_before} -> {n_after}  "
-            f"collectives {c_before} -> {c_after}"
+            f"pass {i}: {p.name}  {dt * 1e3:.1f} ms  nodes {n_before} -> {len(gm.graph.nodes)}  "
+            f"collectives {c_before} -> {len(debug.collective_nodes(gm))}"
         )
         log.info(header)
         if dump:
-            debug.write_dump(dump, rank, ctx.graph_id, i, name, gm, header)
+            debug.write_dump(dump, rank, ctx.graph_id, i, p.name, gm, header)
     return gm
 
 

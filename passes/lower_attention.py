@@ -1,6 +1,7 @@
 """lower_attention: give every `cpfx::sharded_attention` placeholder its strategy.
 
-Preconditions: `shard_tokens` ran; each placeholder carries `meta["cpfx_attn"]` (an `AttnSite`).
+Preconditions: `shard_tokens` ran; each placeholder carries `meta["cpfx_attn"]` (an `AttnSite`),
+and, if `fp8_comm` ran, `meta["cpfx_fp8"]` (the roles whose payload travels as FP8).
 Postconditions: no placeholder is left; each became `cpfx.attention.cp_attention` traced into
 the graph: Ulysses all-to-alls over the "ulysses" mesh dim, ring over the "ring" dim, both for
 a 2-D mesh (USP). Collectives are functional-collective start/wait pairs (and `cpfx::ring_send_recv`
@@ -13,13 +14,12 @@ for p2p ring steps), tagged with `meta["cpfx_role"]` in {"q", "k", "v", "o", "kv
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 import torch.fx as fx
 
-from cpfx.attention import AttnSpec, cp_attention
+from cpfx.attention import AttnSite, AttnSpec, cp_attention
 from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.graph_utils import splice
@@ -29,34 +29,26 @@ PASS = "lower_attention"
 
 
 def strategy_name(ctx: PassContext) -> str:
-    if ctx.ulysses > 1 and ctx.ring > 1:
-        return f"usp_{ctx.config.ring_rotate}"
-    if ctx.ring > 1:
-        return f"ring_{ctx.config.ring_rotate}"
+    mesh, rotate = ctx.mesh, ctx.config.ring_rotate
+    if mesh.ulysses > 1 and mesh.ring > 1:
+        return f"usp_{rotate}"
+    if mesh.ring > 1:
+        return f"ring_{rotate}"
     return "ulysses"
 
 
-def make_spec(site, ctx: PassContext) -> AttnSpec:
+def make_spec(site: AttnSite, ctx: PassContext, fp8_roles: frozenset[str] = frozenset()) -> AttnSpec:
     mode = ctx.config.head_padding
     if mode == "auto":
         # Padding-free uneven head groups send fewer bytes and work with uneven sequences too;
         # with fewer heads than ranks some ranks would get none: pad instead.
-        mode = "uneven" if min(site.heads, site.kv_heads) >= ctx.ulysses else "pad"
-    # The site's analysis fields (all but its source location) carry over as they are.
-    found = {f.name: getattr(site, f.name) for f in dataclasses.fields(site) if f.name != "where"}
+        mode = "uneven" if min(site.heads, site.kv_heads) >= ctx.mesh.ulysses else "pad"
     return AttnSpec(
-        **found,
-        device_type=ctx.device_type,
-        cp_rank=ctx.cp_rank,
-        ulysses=ctx.ulysses,
-        ring=ctx.ring,
-        ulysses_index=ctx.ulysses_index,
-        ring_index=ctx.ring_index,
-        ulysses_group=ctx.ulysses_group,
-        ring_group=ctx.ring_group,
+        site=site,
+        mesh=ctx.mesh,
         ring_rotate=ctx.config.ring_rotate,
         head_padding=mode,
-        ring_ranks=ctx.ring_ranks,
+        fp8_roles=fp8_roles,
     )
 
 
@@ -66,17 +58,14 @@ def lower_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     name = strategy_name(ctx)
     for n in sites:
         site = n.meta["cpfx_attn"]
-        spec = make_spec(site, ctx)
-        if site.heads < ctx.ulysses and spec.head_padding == "uneven":
-            log.info(
-                "%s: %d heads on %d Ulysses ranks: some ranks get no head",
-                site.where,
-                site.heads,
-                ctx.ulysses,
-            )
+        spec = make_spec(site, ctx, n.meta.get("cpfx_fp8", frozenset()))
+        if site.heads < ctx.mesh.ulysses and spec.head_padding == "uneven":
+            log.info("%s: %d heads on %d Ulysses ranks: some ranks get no head",
+                     site.where, site.heads, ctx.mesh.ulysses)
         q, k, v, mask = n.args
         out = splice(gm.graph, n, cp_attention, [q, k, v, mask, spec], origin=n, pass_name=PASS)
         out.meta["cpfx_strategy"] = name
+        out.meta["cpfx_local_of"] = n.meta.get("cpfx_local_of")
         n.replace_all_uses_with(out)
         gm.graph.erase_node(n)
         counters[PASS][name] += 1

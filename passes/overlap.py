@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from cpfx.context import PassContext
 from cpfx.debug import collective_nodes, counters, is_wait
-from cpfx.rules import is_inplace
+from cpfx.graph_utils import is_mutating
 
 log = logging.getLogger(__name__)
 PASS = "overlap"
@@ -46,7 +46,7 @@ def _needed(start: fx.Node, pos: dict[fx.Node, int], lo: int = -1) -> set[fx.Nod
         need.add(n)
         stack.extend(n.all_input_nodes)
         for u in n.users:
-            if is_inplace(u) and u.args and u.args[0] is n and pos[u] < pos[start]:
+            if is_mutating(u) and u.args and u.args[0] is n and pos[u] < pos[start]:
                 stack.append(u)
     return need
 
@@ -86,10 +86,10 @@ def _hoist(g: fx.Graph, start: fx.Node, floor: fx.Node | None) -> bool:
 def _movable(n: fx.Node) -> bool:
     if n.op != "call_function" and n.op != "call_method":
         return False
-    if n.is_impure() or is_inplace(n) or is_wait(n) or n.meta.get("cpfx_collective"):
+    if n.is_impure() or is_mutating(n) or is_wait(n) or n.meta.get("cpfx_collective"):
         return False
     # A reader of a tensor that something writes in place must keep its place.
-    return not any(is_inplace(u) for a in n.all_input_nodes for u in a.users)
+    return not any(is_mutating(u) for a in n.all_input_nodes for u in a.users)
 
 
 def _defer(g: fx.Graph, start: fx.Node, prev: fx.Node | None) -> int:

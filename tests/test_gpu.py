@@ -7,33 +7,25 @@ import torch
 import torch.nn.functional as F
 
 from cpfx.attention import AttnSpec, attention_lse, merge_lse
-from cpfx.layout import Layout
+from cpfx.sharding.layout import Layout
 
 pytestmark = pytest.mark.gpu
 
 
 def _spec(dtype, mask_shape):
-    return AttnSpec(
-        layout=Layout.simple(96, 1),
-        batch=1,
-        heads=4,
-        kv_heads=4,
-        head_dim=64,
-        scale=None,
-        enable_gqa=False,
-        device_type="cuda",
-        cp_rank=0,
-        ulysses=1,
-        ring=2,
-        ulysses_index=0,
-        ring_index=0,
-        ulysses_group="",
-        ring_group="",
-        dtype=dtype,
-        mask_shape=mask_shape,
-        mask_ndim=4,
-        mask_is_bool=True,
+    from cpfx.attention import AttnSite
+    from cpfx.mesh import MeshInfo
+
+    site = AttnSite(
+        q_layout=Layout.even(96, 1), kv_layout=Layout.even(96, 1), batch=1, heads=4, kv_heads=4,
+        head_dim=64, value_dim=64, scale=None, enable_gqa=False, causal=False, dtype=dtype,
+        mask_shape=mask_shape, mask_ndim=4, mask_is_bool=True, where="test",
     )
+    mesh = MeshInfo(
+        world=2, cp_rank=0, cp_group="", ulysses=1, ring=2, ulysses_index=0, ring_index=0,
+        ulysses_group="", ring_group="", ring_ranks=(0, 1), device_type="cuda",
+    )
+    return AttnSpec(site=site, mesh=mesh)
 
 
 @pytest.mark.parametrize(

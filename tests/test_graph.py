@@ -31,7 +31,7 @@ def test_wan_cross_attention_has_no_collectives():
     (gm,) = rewrite("wan", world=4, model_kwargs={"txt": 5})
     assert cpfx.counters["shard_tokens"]["attention_local"] == 2  # attn2 of both blocks
     assert collections.Counter(roles(gm)) == {"q": 2, "k": 2, "v": 2, "o": 2}
-    sdpa = [n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     # Cross-attention stays one local SDPA per block: queries are this rank's 32/4 tokens,
     # keys the 5 replicated text tokens.
     cross = [sdpa_args(n) for n in sdpa if "cpfx_pass" not in n.meta]
@@ -85,7 +85,7 @@ def _upstream_linear(node):
             if a in seen:
                 continue
             seen.add(a)
-            if a.target is torch._C._nn.linear:
+            if a.target is torch.ops.aten.linear.default:
                 return a
             stack.append(a)
     raise AssertionError(f"no linear upstream of {node}")
@@ -182,7 +182,8 @@ def test_flux_single_block_mlp_runs_during_output_all_to_all():
     mlp = [
         n
         for n in gm.graph.nodes
-        if n.target is torch._C._nn.linear and "proj_mlp" in str(n.meta.get("nn_module_stack", ""))
+        if n.target is torch.ops.aten.linear.default
+        and "proj_mlp" in str(n.meta.get("nn_module_stack", ""))
     ]
     assert mlp and all(pos[o_start] < pos[n] < pos[o_wait] for n in mlp)
     assert cpfx.counters["overlap"]["deferred"] > 0

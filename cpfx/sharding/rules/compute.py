@@ -1,0 +1,184 @@
+"""Matmuls, normalizations, reductions and scans: token-wise exactly when they do not reduce, mix or
+contract over the token dim. A reduction over the tokens (a mean-pool, a per-tensor amax) gets no
+rule here: its operand is gathered, so every rank reduces over all tokens, as the single process.
+"""
+
+from __future__ import annotations
+
+from cpfx.sharding.placement import REPLICATE, Shard
+from cpfx.sharding.rules import Decision, OpCall, aten, n_outputs, norm_dim, register
+
+
+def _rows(call: OpCall, x_index: int, contract: int) -> Decision | None:
+    """An op token-wise in operand `x_index` along every dim but `contract` (which the op
+    contracts or normalizes over); every other operand replicated."""
+    x = call.operands[x_index]
+    if x.shard is None or x.shard.dim in contract_dims(x, contract):
+        return None
+    if any(o.shard is not None for i, o in enumerate(call.operands) if i != x_index):
+        return None
+    needs = tuple(x.placement if i == x_index else REPLICATE for i in range(len(call.operands)))
+    k = n_outputs(call)
+    return Decision(needs, x.placement if k is None else tuple(x.placement for _ in range(k)))
+
+
+def contract_dims(x, last: int) -> range:
+    """The trailing `last` dims of x."""
+    return range(x.ndim - last, x.ndim)
+
+
+@register(aten.linear.default)
+def linear(call: OpCall) -> Decision | None:
+    return _rows(call, 0, 1)
+
+
+@register(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default)
+def layer_norm(call: OpCall) -> Decision | None:
+    return _rows(call, 0, len(call.arg(1, "normalized_shape")))
+
+
+@register(aten.mm.default)
+def mm(call: OpCall) -> Decision | None:
+    a, b = call.operands
+    if a.shard is not None and a.shard.dim == 0:
+        return Decision((a.placement, REPLICATE), a.placement)
+    if b.shard is not None and b.shard.dim == 1:
+        return Decision((REPLICATE, b.placement), b.placement)
+    return None
+
+
+@register(aten.addmm.default)
+def addmm(call: OpCall) -> Decision | None:
+    bias, a, b = call.operands
+    if a.shard is not None and a.shard.dim == 0:
+        layout, out_dim = a.shard.layout, 0
+    elif b.shard is not None and b.shard.dim == 1:
+        layout, out_dim = b.shard.layout, 1
+    else:
+        return None
+    k = out_dim - (2 - bias.ndim)  # bias broadcasts to [M, N]
+    bias_need = Shard(k, layout) if k >= 0 and bias.shape[k] == layout.size else REPLICATE
+    if out_dim == 0:
+        return Decision((bias_need, a.placement, REPLICATE), a.placement)
+    return Decision((bias_need, REPLICATE, b.placement), b.placement)
+
+
+def _bmm(a, b) -> Decision | None:
+    """[Bt, M, K] @ [Bt, K, N]: token-wise in the batch, the rows of a, or the columns of b."""
+    for x in (a, b):
+        if x.shard is not None and x.shard.dim == 0:
+            p = Shard(0, x.shard.layout)
+            return Decision((p, p), p)
+    if a.shard is not None and a.shard.dim == 1:
+        return Decision((a.placement, REPLICATE), a.placement)
+    if b.shard is not None and b.shard.dim == 2:
+        return Decision((REPLICATE, b.placement), b.placement)
+    return None
+
+
+@register(aten.bmm.default)
+def bmm(call: OpCall) -> Decision | None:
+    a, b = call.operands
+    return _bmm(a, b)
+
+
+@register(aten.convolution.default)
+def convolution(call: OpCall) -> Decision | None:
+    """Batch-parallel only: a convolution mixes neighbouring positions."""
+    x = call.operands[0]
+    if x.shard is None or x.shard.dim != 0 or any(o.shard for o in call.operands[1:]):
+        return None
+    return Decision((x.placement, *(REPLICATE for _ in call.operands[1:])), x.placement)
+
+
+@register(aten.group_norm.default)
+def group_norm(call: OpCall) -> Decision | None:
+    """Normalizes over channels and all positions of one sample: batch-parallel only."""
+    x = call.operands[0]
+    if x.shard is None or x.shard.dim != 0 or any(o.shard for o in call.operands[1:]):
+        return None
+    return Decision((x.placement, *(REPLICATE for _ in call.operands[1:])), x.placement)
+
+
+def _along(call: OpCall, dims: list[int] | None, keepdim: bool) -> Decision | None:
+    """One operand reduced/scanned along `dims` (None: all dims): token-wise if the token dim is
+    not among them. Other operands (none usually) must be replicated."""
+    x = call.operands[0]
+    if x.shard is None or any(o.shard for o in call.operands[1:]):
+        return None
+    d = x.shard.dim
+    if dims is None or d in dims:
+        return None
+    od = d if keepdim else d - sum(1 for k in dims if k < d)
+    p = Shard(od, x.shard.layout)
+    needs = (x.placement, *(REPLICATE for _ in call.operands[1:]))
+    k = n_outputs(call)
+    return Decision(needs, p if k is None else tuple(p for _ in range(k)))
+
+
+def _dims(call: OpCall, i: int, name: str) -> list[int] | None:
+    x = call.operands[0]
+    dims = call.arg(i, name, None)
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:  # an empty dim list reduces over every dim
+        return None
+    return [norm_dim(k, max(x.ndim, 1)) for k in dims]
+
+
+@register(
+    aten.sum.dim_IntList,
+    aten.mean.dim,
+    aten.amax.default,
+    aten.amin.default,
+    aten.any.dims,
+    aten.logsumexp.default,
+)
+def reduce_dims(call: OpCall) -> Decision | None:
+    return _along(call, _dims(call, 1, "dim"), bool(call.arg(2, "keepdim", False)))
+
+
+@register(aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.argmax.default, aten.argmin.default)
+def reduce_dim(call: OpCall) -> Decision | None:
+    if call.arg(1, "dim", None) is None:
+        return None
+    return _along(call, _dims(call, 1, "dim"), bool(call.arg(2, "keepdim", False)))
+
+
+@register(aten.max.dim, aten.min.dim)
+def reduce_dim_pair(call: OpCall) -> Decision | None:
+    return _along(call, _dims(call, 1, "dim"), bool(call.arg(2, "keepdim", False)))
+
+
+@register(aten.var.correction, aten.std.correction, aten.var_mean.correction)
+def var(call: OpCall) -> Decision | None:
+    return _along(call, _dims(call, 1, "dim"), bool(call.kwargs.get("keepdim", False)))
+
+
+@register(aten.linalg_vector_norm.default)
+def vector_norm(call: OpCall) -> Decision | None:
+    return _along(call, _dims(call, 2, "dim"), bool(call.arg(3, "keepdim", False)))
+
+
+@register(
+    aten._softmax.default,
+    aten._log_softmax.default,
+    aten._safe_softmax.default,
+    aten.cumsum.default,
+    aten.cumprod.default,
+    aten.logcumsumexp.default,
+    aten.sort.default,
+    aten.argsort.default,
+)
+def along_dim(call: OpCall) -> Decision | None:
+    """Softmax, scans and sorts: token-wise unless they run along the tokens."""
+    default = -1 if call.target in (aten.sort.default, aten.argsort.default) else None
+    if call.arg(1, "dim", default) is None:
+        return None
+    return _along(call, _dims(call, 1, "dim") or [norm_dim(-1, call.operands[0].ndim)], True)
+
+
+@register(aten.topk.default)
+def topk(call: OpCall) -> Decision | None:
+    return _along(call, [norm_dim(call.arg(2, "dim", -1), call.operands[0].ndim)], True)

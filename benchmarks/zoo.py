@@ -298,8 +298,10 @@ def run_strategy(
 def verdict(ranks: dict[int, dict[str, Any]], proc: dict[str, Any], world: int) -> str:
     """The one-line verdict of a (case, strategy) from what its ranks reported."""
     errors = [ranks[r]["error"] for r in sorted(ranks) if not ranks[r]["ok"]]
-    if errors:
-        e = errors[0]
+    # A rank that sees its peer fail reports a RankDivergenceError: the peer's error is the cause.
+    causes = [e for e in errors if e["type"] != "RankDivergenceError"]
+    if causes or (errors and len(ranks) == world):
+        e = (causes or errors)[0]
         if e["refused"]:
             return f"refused: {e['message']}"
         return f"internal error: {e['type']}: {e['message']}"
@@ -381,8 +383,9 @@ def _dynamo_cell(entry: dict[str, Any]) -> str:
     return f"ok ({d['graphs']} graph{'s' if d['graphs'] != 1 else ''}{breaks})"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:160]
+def _cell(text: str, width: int = 110) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def report(results: dict[str, Any], strategies: list[str], meta: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 TOL = 1e-5
 """Allowed max abs difference, relative to max(1, max |reference|)."""
@@ -117,6 +118,22 @@ def _write(path: Path, obj: dict[str, Any]) -> None:
     tmp.rename(path)
 
 
+class _CountAttention(TorchFunctionMode):
+    """Counts the attention calls of a forward (SDPA and flex attention), by function name."""
+
+    NAMES = ("scaled_dot_product_attention", "flex_attention")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def reference_job(case_name: str, out_dir: str) -> None:
     """Single process: save the reference outputs, then try `torch.compile(backend="eager")`."""
     from cpfx.testing import zoo
@@ -127,11 +144,13 @@ def reference_job(case_name: str, out_dir: str) -> None:
     try:
         t0 = time.perf_counter()
         model, kwargs = zoo.build(case_name)
-        with torch.no_grad():
+        counting = _CountAttention()
+        with torch.no_grad(), counting:
             ref = [t.detach().clone() for t in zoo.outputs(model(**kwargs))]
         res["reference"] = {
             "ok": True,
             "seconds": time.perf_counter() - t0,
+            "attention_calls": dict(counting.calls),
             "shapes": [list(t.shape) for t in ref],
             "max_abs": [t.double().abs().max().item() for t in ref],
         }
@@ -222,24 +241,26 @@ def _free_port() -> int:
 def _run_processes(
     ctx: Any, target: Any, arg_sets: list[tuple[Any, ...]], out: Path, timeout: float
 ) -> dict[str, Any]:
-    """Start one process per arg tuple; wait until all exit, `timeout` passes, or one reports an
-    error (then the others get 15 s to report theirs, since they may be stuck in a collective)."""
+    """Start one process per arg tuple; wait until all exit or `timeout` passes. Once one reports
+    an error or dies, the others get 15 s more (they may be stuck in a collective with it)."""
     procs = [ctx.Process(target=target, args=a, daemon=True) for a in arg_sets]
     for p in procs:
         p.start()
     t0 = time.monotonic()
     deadline = t0 + timeout
     while time.monotonic() < deadline and any(p.is_alive() for p in procs):
-        if any(_reported_error(f) for f in out.glob("rank*.json")):
+        died = any(p.exitcode not in (None, 0) for p in procs)
+        if died or any(_reported_error(f) for f in out.glob("rank*.json")):
             deadline = min(deadline, time.monotonic() + 15)
         time.sleep(0.2)
-    timed_out = any(p.is_alive() for p in procs)
+    crashed = any(p.exitcode not in (None, 0) for p in procs)
+    timed_out = any(p.is_alive() for p in procs) and not crashed
     for p in procs:
         if p.is_alive():
             p.kill()
         p.join(5)
     return {
-        "timed_out": timed_out and time.monotonic() >= t0 + timeout,
+        "timed_out": timed_out,
         "exitcodes": [p.exitcode for p in procs],
         "seconds": time.monotonic() - t0,
     }
@@ -308,8 +329,8 @@ def verdict(ranks: dict[int, dict[str, Any]], proc: dict[str, Any], world: int) 
     if len(ranks) < world:
         if proc["timed_out"]:
             return "timeout"
-        dead = [_exit_text(c) for r, c in enumerate(proc["exitcodes"]) if r not in ranks]
-        return f"crash ({', '.join(dead)})"
+        dead = [_exit_text(c) for c in proc["exitcodes"] if c not in (0, -signal.SIGKILL)]
+        return f"crash ({', '.join(dead) or 'no result'})"
     worst = 0.0
     ok = True
     for res in ranks.values():
@@ -383,6 +404,16 @@ def _dynamo_cell(entry: dict[str, Any]) -> str:
     return f"ok ({d['graphs']} graph{'s' if d['graphs'] != 1 else ''}{breaks})"
 
 
+def _attention_cell(entry: dict[str, Any]) -> str:
+    """Attention calls of the single-process forward: `4` SDPA, or `2 + 2 flex`."""
+    calls = entry.get("reference", {}).get("attention_calls")
+    if calls is None:
+        return ""
+    text = str(calls.get("scaled_dot_product_attention", 0))
+    flex = calls.get("flex_attention", 0)
+    return text + (f" + {flex} flex" if flex else "")
+
+
 def _cell(text: str, width: int = 110) -> str:
     text = text.replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -396,12 +427,12 @@ def report(results: dict[str, Any], strategies: list[str], meta: dict[str, Any])
             f"{len(results)} cases, {meta['seconds']:.0f} s"
         ),
         "",
-        "| case | class | eager-Dynamo | " + " | ".join(strategies) + " |",
-        "|---|---|---|" + "---|" * len(strategies),
+        "| case | class | attention | eager-Dynamo | " + " | ".join(strategies) + " |",
+        "|---|---|---|---|" + "---|" * len(strategies),
     ]
     counts: dict[str, collections.Counter[str]] = {s: collections.Counter() for s in strategies}
     for name, entry in results.items():
-        cells = [name, entry["class"], _dynamo_cell(entry)]
+        cells = [name, entry["class"], _attention_cell(entry), _dynamo_cell(entry)]
         for s in strategies:
             v = entry.get("skip_reason") and "skipped" or entry["strategies"][s]["verdict"]
             counts[s][category(v)] += 1

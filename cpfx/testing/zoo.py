@@ -2707,8 +2707,19 @@ CASES: tuple[Case, ...] = (
 
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 
-FAST: tuple[str, ...] = ()
-"""A few cases covering the distinct patterns, each a few seconds: for the test suite."""
+FAST: tuple[str, ...] = (
+    "flux",  # [txt | img] joint attention, RoPE from input ids, batch 2
+    "sd3",  # [img | txt] cat after a transpose; learned positional table cropped at run time
+    "qwenimage_edit",  # [txt | target | reference]: two image segments; RoPE built inside; mask hole
+    "hunyuan_video",  # [video | txt] with a padded text key mask; text-only refiner attention
+    "wan_i2v",  # conv 3-D patching, RoPE from the latent shape, cross-attention to image + text
+    "cogvideox",  # sincos 3-D table rebuilt for a size unlike the config's, added after [txt | video]
+    "ltx",  # RoPE from int arguments (frames, height, width); cross-attention with a padded mask
+    "z_image",  # per-sample packing: list inputs of different sizes padded inside; graph breaks
+    "joyimage_edit_plus",  # per-sample image layouts padded to one length, masked as keys
+    "ace_step",  # 1-D, GQA, a sliding-window mask built from positions, 23 tokens
+)
+"""Ten cases covering the distinct patterns, a few seconds each per strategy: for the test suite."""
 
 
 def diffusers_classes() -> list[str]:

@@ -1,0 +1,1 @@
+"""Test fixtures shipped with cpfx: the diffusers model zoo (`cpfx.testing.zoo`)."""

@@ -103,20 +103,21 @@ class AttnSpec:
 
 
 class Plain:
-    """The payload as it is: [B, H, S, D] <-> rows [G, S, B, H/G, D]."""
+    """The payload as it is: [B, H, S, D] <-> rows [G, S, B, H/G, D]. Shapes are passed in:
+    the tensors may be FX proxies while the lowering traces these functions."""
 
     @staticmethod
     def width(d: int) -> int:
         return d
 
     @staticmethod
-    def encode(x: Tensor, groups: int) -> Tensor:
-        B, H, S, D = x.shape
+    def encode(x: Tensor, groups: int, shape: tuple[int, int, int, int]) -> Tensor:
+        B, H, S, D = shape
         return x.reshape(B, groups, H // groups, S, D).permute(1, 3, 0, 2, 4)
 
     @staticmethod
-    def decode(rows: Tensor, dtype: torch.dtype) -> Tensor:
-        G, S, B, h, D = rows.shape
+    def decode(rows: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        G, S, B, h, D = shape
         return rows.permute(2, 0, 3, 1, 4).reshape(B, G * h, S, D)
 
 
@@ -128,11 +129,11 @@ class Fp8:
         return d + 4
 
     @staticmethod
-    def encode(x: Tensor, groups: int) -> Tensor:
+    def encode(x: Tensor, groups: int, shape: tuple[int, int, int, int]) -> Tensor:
         return torch.ops.cpfx.fp8_quantize(x, groups)
 
     @staticmethod
-    def decode(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    def decode(rows: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
         return torch.ops.cpfx.fp8_dequantize(rows, dtype)
 
 
@@ -143,9 +144,14 @@ def _codec(spec: AttnSpec, role: str) -> type[Plain] | type[Fp8]:
 # --- Ulysses all-to-alls -----------------------------------------------------------------------
 
 
+def _dim(spec: AttnSpec, role: str) -> int:
+    """The last dim of a role's payload (static: tensors may be FX proxies here)."""
+    return spec.site.head_dim if role in ("q", "k") else spec.site.value_dim
+
+
 def seq_to_heads(x: Tensor, spec: AttnSpec, heads: int, role: str, layout: Layout) -> Tensor:
     """[B, H, S_loc, D] -> [B, h_me, S_blk, D]: scatter heads, gather this group's tokens."""
-    U, B, D = spec.mesh.ulysses, spec.site.batch, x.shape[-1]
+    U, B, D = spec.mesh.ulysses, spec.site.batch, _dim(spec, role)
     codec = _codec(spec, role)
     W = codec.width(D)
     s_loc, sizes = spec.seq_sizes(layout)
@@ -155,10 +161,10 @@ def seq_to_heads(x: Tensor, spec: AttnSpec, heads: int, role: str, layout: Layou
         hp = hs[0] * U
         if hp != heads:
             x = F.pad(x, (0, 0, 0, 0, 0, hp - heads))
-        rows = codec.encode(x, U).reshape(U * s_loc, B, hs[0], W)  # [U * S_loc, B, Hp/U, W]
+        rows = codec.encode(x, U, (B, hp, s_loc, D)).reshape(U * s_loc, B, hs[0], W)
         y = comm.all_to_all(rows, sizes, [s_loc] * U, spec.mesh.ulysses_group, role)
     else:  # uneven head groups, padding-free: a flat buffer with per-peer element counts
-        rows = codec.encode(x, 1).reshape(s_loc, B, heads, W)
+        rows = codec.encode(x, 1, (B, heads, s_loc, D)).reshape(s_loc, B, heads, W)
         offs = [sum(hs[:j]) for j in range(U)]
         buf = torch.cat([rows.narrow(2, offs[j], hs[j]).reshape(-1) for j in range(U)])
         y = comm.all_to_all(
@@ -168,30 +174,34 @@ def seq_to_heads(x: Tensor, spec: AttnSpec, heads: int, role: str, layout: Layou
             spec.mesh.ulysses_group,
             role,
         )  # flat: peer j's [S_j, B, h_me, W], in peer order
-    return codec.decode(y.reshape(1, sum(sizes), B, me, W), spec.site.dtype)  # [B, h_me, S_blk, D]
+    blk = sum(sizes)
+    return codec.decode(y.reshape(1, blk, B, me, W), spec.site.dtype, (1, blk, B, me, D))
 
 
 def heads_to_seq(y: Tensor, spec: AttnSpec) -> Tensor:
     """[B, h_me, S_blk, D] -> [B, H, S_loc, D]: the inverse all-to-all, padded heads dropped."""
-    U, B, H, D = spec.mesh.ulysses, spec.site.batch, spec.site.heads, y.shape[-1]
+    U, B, H, D = spec.mesh.ulysses, spec.site.batch, spec.site.heads, _dim(spec, "o")
     codec = _codec(spec, "o")
     W = codec.width(D)
     s_loc, sizes = spec.seq_sizes(spec.site.q_layout)
     hs = spec.head_sizes(H)
     me = hs[spec.mesh.ulysses_index]
-    rows = codec.encode(y, 1)  # [1, S_blk, B, h_me, W]
+    blk = sum(sizes)
+    rows = codec.encode(y, 1, (B, me, blk, D))  # [1, S_blk, B, h_me, W]
     if len(set(hs)) == 1:
         x = comm.all_to_all(
-            rows.reshape(sum(sizes), B, me, W), [s_loc] * U, sizes, spec.mesh.ulysses_group, "o"
+            rows.reshape(blk, B, me, W), [s_loc] * U, sizes, spec.mesh.ulysses_group, "o"
         )  # [U * S_loc, B, Hp/U, W]
-        out = codec.decode(x.reshape(U, s_loc, B, me, W), spec.site.dtype)  # [B, Hp, S_loc, D]
+        out = codec.decode(x.reshape(U, s_loc, B, me, W), spec.site.dtype, (U, s_loc, B, me, D))
         return out[:, :H] if me * U != H else out
     counts = [s_loc * B * h * W for h in hs]
     x = comm.all_to_all(
         rows.reshape(-1), counts, [n * B * me * W for n in sizes], spec.mesh.ulysses_group, "o"
     )  # flat: peer j's [S_loc, B, h_j, W], in peer order
     parts = [x.narrow(0, sum(counts[:j]), counts[j]).reshape(s_loc, B, hs[j], W) for j in range(U)]
-    return codec.decode(torch.cat(parts, 2).reshape(1, s_loc, B, H, W), spec.site.dtype)
+    return codec.decode(
+        torch.cat(parts, 2).reshape(1, s_loc, B, H, W), spec.site.dtype, (1, s_loc, B, H, D)
+    )
 
 
 # --- masks -----------------------------------------------------------------------------------
@@ -278,17 +288,16 @@ def merge_lse(
 # --- ring -------------------------------------------------------------------------------------
 
 
-def _pack_kv(k: Tensor, v: Tensor) -> Tensor:
-    """[B, h, S, D], [B, h, S, Dv] -> rows [S, B, h * (D + Dv)]: one transfer per block."""
-    B, h, S, _ = k.shape
-    rows = [t.permute(2, 0, 1, 3).reshape(S, B, -1) for t in (k, v)]
-    return torch.cat(rows, -1)
+def _pack_kv(k: Tensor, v: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """k [B, h, S, D], v [B, h, S, Dv] -> rows [S, B, h * (D + Dv)]: one transfer per block."""
+    B, h, S = shape
+    return torch.cat([t.permute(2, 0, 1, 3).reshape(S, B, -1) for t in (k, v)], -1)
 
 
-def _unpack_kv(rows: Tensor, h: int, d: int) -> tuple[Tensor, Tensor]:
-    S, B, _ = rows.shape
+def _unpack_kv(rows: Tensor, shape: tuple[int, int, int, int, int]) -> tuple[Tensor, Tensor]:
+    S, B, h, d, dv = shape
     k = rows[..., : h * d].reshape(S, B, h, d).permute(1, 2, 0, 3)
-    v = rows[..., h * d :].reshape(S, B, h, -1).permute(1, 2, 0, 3)
+    v = rows[..., h * d :].reshape(S, B, h, dv).permute(1, 2, 0, 3)
     return k, v
 
 
@@ -303,13 +312,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: A
     s_q = sum(n for _, n in q_pieces)
     sizes = [sum(n for _, n in spec.kv_pieces(j)) for j in range(R)]
     longest = max(sizes)
-    rows = comm.pad_rows(_pack_kv(k, v), sizes[me], longest, 3)  # [S_max, B, h * (D + Dv)]
+    rows = comm.pad_rows(_pack_kv(k, v, (B, h, sizes[me])), sizes[me], longest, 3)
     width = h * (D + site.value_dim)
 
     def step(blk: Tensor, j: int, acc, acc_lse):
         if sizes[j] == 0 or s_q == 0:
             return acc, acc_lse  # an empty block adds nothing (and empty kernels may crash)
-        k_j, v_j = _unpack_kv(blk, h, D)
+        k_j, v_j = _unpack_kv(blk, (sizes[j], B, h, D, site.value_dim))
         m_j = local_mask(mask, spec, q_pieces, spec.kv_pieces(j), q)
         out, lse = attention_lse(q, k_j, v_j, m_j, spec, (B, h, s_q, sizes[j]))
         return merge_lse(acc, acc_lse, out, lse)

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from cpfx import comm
 from cpfx.context import PassContext
 from cpfx.debug import counters
+from cpfx.errors import UnsupportedPatternError
 from cpfx.graph_utils import copy_origin_meta, module_path, splice, val, where
 from cpfx.sharding.plan import SDPA, ShardPlan, find_seeds, propagate, tensor_leaves
 from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard, take_pieces
@@ -100,7 +101,7 @@ class _Applier:
         g = splice(
             self.g,
             before,
-            comm.gather_tokens,
+            _gather,
             [x, cur.dim, cur.layout, list(range(mesh.world)), mesh.cp_group, shape,
              val(x).device.type],
             origin=before,
@@ -241,6 +242,12 @@ class _Applier:
         self.c[dec.rule if dec.rule.startswith("attention") else "attention_gathered"] += 1
 
 
+def _gather(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """A gathered value is contiguous: the single process's value it stands for may have been
+    (a `view` of it, in the graph or after it, must still work)."""
+    return comm.gather_tokens(x, *args).contiguous()
+
+
 def _overrides(ctx: PassContext):
     prefixes = tuple(getattr(ctx.config, "replicate", ()) or ())
     if not prefixes:
@@ -253,7 +260,20 @@ def _overrides(ctx: PassContext):
     return replicate
 
 
+def _refuse_flex_attention(gm: fx.GraphModule) -> None:
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and flex is not None and n.target is flex:
+            raise UnsupportedPatternError(
+                f"shard_tokens: attention at {where(n)} is computed with flex_attention, which "
+                "cpfx does not parallelize (its score and mask functions see global positions "
+                "and heads). Use scaled_dot_product_attention: in diffusers, "
+                "model.set_attention_backend('native')."
+            )
+
+
 def shard_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    _refuse_flex_attention(gm)
     mesh = ctx.mesh
     seeds, sdpas = find_seeds(gm.graph, mesh.world)
     log.info("shard_tokens: %d attention calls, %d seeds", len(sdpas), len(seeds))

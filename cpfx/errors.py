@@ -1,4 +1,4 @@
-"""Exceptions raised by cpfx. Every message says what failed, where, and what to change."""
+"""Exceptions and warnings raised by cpfx. Every message says what failed, where, and what to change."""
 
 from __future__ import annotations
 
@@ -21,3 +21,18 @@ class RankDivergenceError(CpfxError):
 
 class PassError(CpfxError):
     """A graph pass failed; wraps the original exception with the pass name."""
+
+
+class CommunicationError(CpfxError):
+    """A collective failed (a peer died, stalled past the timeout, or the group is dead); chained to
+    the original error, naming this rank, the peer or group when known, and the collective."""
+
+
+class RecompileLimitError(CpfxError):
+    """A parallelized model needs more compiled variants than `ParallelConfig.max_recompiles`;
+    Dynamo would otherwise fall back to eager (unparallelized) code silently."""
+
+
+class CpfxWarning(UserWarning):
+    """Something ran, but not the way cpfx promises (e.g. attention outside cpfx's graphs, which
+    every rank computed in full)."""

@@ -135,8 +135,9 @@ def communication_error(
     else:
         peers = "every rank is alive, but the group failed"
     limit = f" (cpfx's timeout_s={timeout_s:.0f})" if timeout_s else ""
+    after = f" after {elapsed_s:.1f}s{limit}" if elapsed_s else ""
     msg = (
-        f"cpfx: rank {me}: {what} failed after {elapsed_s:.1f}s{limit}: {peers}"
+        f"cpfx: rank {me}: {what} failed{after}: {peers}"
         f"{'; ' + where if where else ''}. Original error: {type(e).__name__}: "
         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     )

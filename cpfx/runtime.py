@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 SLOTS = 16
 """Inputs with their own slot in the per-call header (later ones share the last slot)."""
+SMALL = 4096
+"""Tensor inputs of at most this many elements (timesteps, guidance, pooled embeddings) are
+hashed on every call: a rank that skipped or repeated a call differs in them."""
 _HEADER = 8 + 2 * SLOTS
 _MAGIC = 0xCF0016
 _MAX_DIMS = 8
@@ -204,7 +207,7 @@ class Runtime:
         self.pending_reasons.clear()
         tensorify_float_inputs(gm)
         captured = sum(1 for n in gm.graph.nodes if _is_sdpa(n))
-        fn = self.be(gm, example_inputs)
+        fn = self._compile(gm, example_inputs)
         out_gm = self.be.graphs[-1] if self.be.graphs else gm  # type: ignore[attr-defined]
         parallel = sum(1 for n in out_gm.graph.nodes if n.meta.get("cpfx_strategy"))
         parallel = parallel or int(out_gm.meta.get("cpfx_attention", 0) or 0)
@@ -214,6 +217,25 @@ class Runtime:
             self.recompile_reasons.append(reason)
             log.info("cpfx: %s graph %d is a recompile: %s", self.model_name, rec.id, reason)
         return self._wrap_graph(fn, rec)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """Run cpfx's backend; a rank that fails before the collective-schedule exchange tells
+        the others (which wait in it), so every rank raises at once."""
+        from cpfx.passes import check_collectives as cc
+
+        cc.begin_compile()
+        try:
+            return self.be(gm, example_inputs)
+        except BaseException:
+            if self.config.check_collectives and self.info.check_group is not None:
+                try:
+                    cc.announce_failure(
+                        self.info.check_group, self.info.world, self.config.timeout_s,
+                        len(self.be.graphs),  # type: ignore[attr-defined]
+                    )
+                except CpfxError as e:
+                    log.warning("cpfx: could not tell the other ranks about the failure: %s", e)
+            raise
 
     def _wrap_graph(self, fn: Callable[..., Any], rec: GraphRecord) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
@@ -424,8 +446,11 @@ class Runtime:
         head[7] = int(grad_problem is not None)
         head[5] = len(leaves)
         head[6] = rankcheck.text_hash(self.model_name)
-        if digest:
-            tensors = [x if isinstance(x, torch.Tensor) else None for x in leaves]
+        tensors = [
+            x if isinstance(x, torch.Tensor) and (digest or x.numel() <= SMALL) else None
+            for x in leaves
+        ]
+        if any(t is not None for t in tensors):
             head[8:] = rankcheck.digest_rows(tensors, SLOTS).reshape(-1)
         what = f"the input check of call {self.calls} of {self.model_name}"
         tag = f"{self.ordinal}/{self.seq}/inputs"
@@ -484,25 +509,21 @@ class Runtime:
                 f"of its input signature ({per}): their earlier calls or compiled variants "
                 "differ (e.g. a module attribute or adapter set changed on some ranks only)."
             )
-        if int(ref[4]) & 1:
-            slots = [
-                s for s in range(SLOTS)
-                if any(bool((rows[r, 8 + 2 * s : 10 + 2 * s] != ref[8 + 2 * s : 10 + 2 * s]).any())
-                       for r in range(world))
-            ]
-            if slots:
-                names = _leaf_names(args, kwargs)
-                which = [names[s] if s < SLOTS - 1 else f"{names[s]} (or a later input)"
-                         for s in slots if s < len(names)]
-                ranks = sorted({r for r in range(world) for s in slots
-                                if bool((rows[r, 8 + 2 * s : 10 + 2 * s]
-                                         != ref[8 + 2 * s : 10 + 2 * s]).any())})
-                return (
-                    f"cpfx: ranks {ranks} received different inputs than rank 0 in call "
-                    f"{self.calls} of {self.model_name}: the bytes of {', '.join(which)} differ "
-                    "(same shapes). Every rank must call the model with the same full inputs "
-                    "(same seed, same prompt); a generator seeded with the rank is the usual cause."
-                )
+        # Small inputs are hashed on every call, all of them when bit 0 is set.
+        digests = rows[:, 8:].reshape(world, SLOTS, 2)
+        differs = (digests != digests[0]).any(dim=2)  # [world, SLOTS]
+        if bool(differs.any()):
+            names = _leaf_names(args, kwargs)
+            slots = [s for s in range(SLOTS) if bool(differs[:, s].any()) and s < len(names)]
+            which = [names[s] + (" (or a later input)" if s == SLOTS - 1 else "") for s in slots]
+            ranks = [r for r in range(world) if bool(differs[r].any())]
+            return (
+                f"cpfx: ranks {ranks} received different inputs than rank 0 in call "
+                f"{self.calls} of {self.model_name}: the bytes of {', '.join(which)} differ "
+                "(same shapes). Every rank must call the model with the same full inputs "
+                "(same seed, same prompt; a generator seeded with the rank is the usual cause), "
+                "in the same order (a rank that skipped or repeated a call shows up here too)."
+            )
         return None
 
     def _shape_mismatch(
@@ -723,25 +744,67 @@ def _collective_of(n: fx.Node) -> fx.Node:
 
 
 def _describe_node(n: fx.Node) -> str:
+    """`all_to_all_single(q), group '0' (ranks [0, 1]), in transformer_blocks.0.attn,
+    transformer_flux.py:123: out = ...`"""
     kind = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
     group = next((a for a in n.args if isinstance(a, str)), "")
     role = n.meta.get("cpfx_role", "")
-    stack = n.meta.get("nn_module_stack") or {}
-    module = list(stack.values())[-1][0] if stack else ""
-    if isinstance(module, str):
-        module = re.sub(r"^L\['self'\]\.?", "", module).replace("._modules['", ".").replace("']", "")
-    src = (n.meta.get("stack_trace") or "").strip().splitlines()
-    src_line = src[-2].strip() if len(src) >= 2 else ""
     parts = [f"{kind}({role})" if role else kind]
     if group:
-        parts.append(f"group {group!r}")
+        parts.append(f"group {group!r}{_group_ranks(group)}")
     if "ring_send_recv" in kind and len(n.args) >= 3:
         parts.append(f"send to rank {n.args[1]}, receive from rank {n.args[2]}")
+    module = module_path_of(n)
     if module:
         parts.append(f"in {module}")
-    if src_line:
-        parts.append(src_line)
+    src = source_line_of(n)
+    if src:
+        parts.append(src)
     return ", ".join(parts)
+
+
+def _group_ranks(name: str) -> str:
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return f" (ranks {dist.get_process_group_ranks(_resolve_process_group(name))})"
+    except Exception:  # noqa: BLE001 - the name alone still helps
+        return ""
+
+
+def module_path_of(n: fx.Node) -> str:
+    """The model submodule a node came from (`transformer_blocks.0.attn`), from Dynamo's
+    nn_module_stack."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    if not isinstance(raw, str):
+        return ""
+    names = []
+    for a, b, c in re.findall(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]", raw):
+        tok = a or b or c
+        if tok not in ("self", "__dict__", "_modules", "L", "_parameters", "_buffers"):
+            names.append(tok)
+    return ".".join(names)
+
+
+def source_line_of(n: fx.Node) -> str:
+    """`file.py:123: code` of the user source line a node came from (its stack trace's last
+    frame)."""
+    lines = (n.meta.get("stack_trace") or "").rstrip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((m.group(1), m.group(2), code))
+    plumbing = ("/torch/", "attention_dispatch", "attention_processor")
+    model = [f for f in frames if not any(p in f[0] for p in plumbing)] or frames
+    if not model:
+        return ""
+    file, line, code = model[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line}: {code}"
 
 
 # ---------------------------------------------------------------------------------------------

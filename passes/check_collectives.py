@@ -21,6 +21,7 @@ rank, naming the ranks and shapes, before any of the graph's collectives runs.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -137,12 +138,13 @@ class _Names:
     """Decodes kind/role/dtype/dim codes back to text for messages (codes of this rank's own
     collectives and common names are known)."""
 
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+    def __init__(self, gm: fx.GraphModule | None = None) -> None:
         names = {"all_to_all_single", "all_gather_into_tensor", "cpfx.ring_send_recv"}
-        names |= {_kind(n) for n in collective_nodes(gm)}
-        names |= {str(n.meta.get("cpfx_role", "")) for n in collective_nodes(gm)}
         names |= {"q", "k", "v", "o", "kv", "gather", ""}
         names |= {str(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8)}
+        if gm is not None:
+            names |= {_kind(n) for n in collective_nodes(gm)}
+            names |= {str(n.meta.get("cpfx_role", "")) for n in collective_nodes(gm)}
         self.table = {_code(s): s for s in names}
 
     def __call__(self, code: int) -> str:
@@ -173,7 +175,7 @@ def find_mismatch(
 ) -> str | None:
     """The first inconsistency between ranks' collective records (`recs[rank][i]`), or None.
     Pure function: every rank evaluates it on the same gathered records."""
-    names = names or (lambda c: f"<{int(c) & 0xFFFFFFFF:08x}>")
+    names = names or _Names()
     counts = [len(r) for r in recs]
     for i in range(max(counts)):
         here = [r[i] if i < len(r) else None for r in recs]
@@ -236,6 +238,31 @@ def _sizes_mismatch(
     return None
 
 
+class _CompileState(threading.local):
+    exchanged = True
+    """Whether this thread's current compile reached the exchange (set False as a compile starts)."""
+
+
+_state = _CompileState()
+
+
+def begin_compile() -> None:
+    """A compile starts in this thread (the runtime calls this before handing a graph over)."""
+    _state.exchanged = False
+
+
+def announce_failure(check_group: Any, world: int, timeout_s: float, graph_id: int) -> None:
+    """This rank failed to compile a graph before the exchange: take part in the exchange's first
+    step with a failure marker, so the other ranks raise at once instead of waiting timeout_s."""
+    from cpfx.rankcheck import all_gather
+
+    if _state.exchanged or check_group is None:
+        return
+    _state.exchanged = True
+    what = f"check_collectives (graph {graph_id}): announcing a failed compile"
+    all_gather(torch.tensor([-1]), check_group, world, timeout_s, what, "compile-failed")
+
+
 def exchange_records(
     recs: list[list[int]], ctx: PassContext, width: int
 ) -> list[list[list[int]]]:
@@ -245,7 +272,14 @@ def exchange_records(
     tag = f"check_collectives/{ctx.graph_id}"
     what = f"check_collectives (graph {ctx.graph_id}): exchanging collective schedules"
     timeout = ctx.config.timeout_s
+    _state.exchanged = True
     counts = all_gather(torch.tensor([len(recs)]), ctx.check_group, ctx.world, timeout, what, tag)
+    failed = [r for r in range(ctx.world) if int(counts[r, 0]) < 0]
+    if failed:
+        raise RankDivergenceError(
+            f"check_collectives: rank(s) {failed} failed to compile graph {ctx.graph_id} (the "
+            "error is raised there); this rank stops too instead of waiting for them."
+        )
     longest = int(counts.max())
     if longest == 0:
         return [[] for _ in range(ctx.world)]
@@ -267,7 +301,7 @@ def check_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModu
     recs = [record(n, ctx) for n in collective_nodes(gm)]
     width = _SPLITS + 2 * ctx.world
     everyone = exchange_records(recs, ctx, width)
-    diff = find_mismatch(everyone, ctx.world, ctx.ulysses, ctx.ring, _Names(gm, ctx))
+    diff = find_mismatch(everyone, ctx.world, ctx.ulysses, ctx.ring, _Names(gm))
     if diff:
         raise RankDivergenceError(
             f"check_collectives: ranks would issue mismatched collectives in graph "

@@ -304,10 +304,26 @@ def gather_both_ways() -> dict[str, float]:
 # --- runtime checks (issues 15 and 16) --------------------------------------------------------
 
 
-def _collectives_run(m: torch.nn.Module) -> int:
-    """Collectives issued so far by the cpfx graphs of a parallelized model (0 if Dynamo ran it
-    eagerly instead)."""
-    return sum(g.runs * len(g.collectives) for g in m._cpfx.graphs)
+def _call_counting_collectives(m: torch.nn.Module, kw: dict[str, Any]) -> tuple[Any, int]:
+    """`m(**kw)` and the number of collectives it issued (0 if Dynamo ran it eagerly)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            return True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            ns = func.namespace
+            if (ns == "_c10d_functional" and "wait" not in func.__name__) or ns == "cpfx":
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        out = m(**kw)
+    return out, c.n
 
 
 def lora_sweep(strengths: list[float]) -> dict[str, Any]:
@@ -333,10 +349,10 @@ def lora_sweep(strengths: list[float]) -> dict[str, Any]:
     with torch.no_grad():
         for s, ref in zip(strengths, refs):
             m.set_adapters(["a"], [s])
-            before = _collectives_run(m)
-            diffs.append((m(**kw)[0] - ref).abs().max().item())
-            collectives.append(_collectives_run(m) - before)
-    return {"diffs": diffs, "collectives": collectives, "graphs": len(m._cpfx.graphs)}
+            out, n = _call_counting_collectives(m, kw)
+            diffs.append((out[0] - ref).abs().max().item())
+            collectives.append(n)
+    return {"diffs": diffs, "collectives": collectives, "graphs": len(m._cpfx["graphs"])}
 
 
 def same_class_sizes(sizes: list[int]) -> dict[str, Any]:
@@ -358,9 +374,9 @@ def same_class_sizes(sizes: list[int]) -> dict[str, Any]:
     diffs, collectives = [], []
     with torch.no_grad():
         for m, kw, ref in cases:
-            before = _collectives_run(m)
-            diffs.append((m(**kw)[0] - ref).abs().max().item())
-            collectives.append(_collectives_run(m) - before)
+            out, n = _call_counting_collectives(m, kw)
+            diffs.append((out[0] - ref).abs().max().item())
+            collectives.append(n)
     return {"diffs": diffs, "collectives": collectives}
 
 
@@ -378,7 +394,7 @@ def attention_in_disabled_region(strict: bool) -> dict[str, Any]:
     block = m.single_transformer_blocks[1]
     block.forward = torch.compiler.disable(block.forward)
     mesh = make_mesh((dist.get_world_size(),), ("ulysses",))
-    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(strict=strict))
+    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(strict=True) if strict else None)
     out: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")

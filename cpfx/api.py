@@ -62,6 +62,7 @@ def parallelize(
     def call(*args: Any, **kwargs: Any) -> Any:
         return runtime.call(compiled, args, kwargs)
 
+    runtime.compiled = compiled
     model._compiled_call_impl = call  # type: ignore[assignment]
     return model
 

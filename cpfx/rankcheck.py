@@ -189,6 +189,14 @@ def _words(x: torch.Tensor) -> torch.Tensor:
     return b
 
 
+def _mix(words: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two int64 lanes per word, from the word's value and its position (64-bit wrap-around)."""
+    v = (words.to(torch.int64) ^ (pos * _K1)) * _K2
+    v = v ^ (v >> 31)
+    u = v * _K3
+    return v, u ^ (u >> 29)
+
+
 def tensor_digest(x: torch.Tensor) -> torch.Tensor:
     """Two int64 lanes over `x`'s bytes and positions, on `x`'s device (exact integer math)."""
     if x.is_sparse or x.is_quantized or x.is_nested:
@@ -196,28 +204,48 @@ def tensor_digest(x: torch.Tensor) -> torch.Tensor:
     w = _words(x if x.is_contiguous() else x.contiguous())
     lanes = torch.zeros(2, dtype=torch.int64, device=w.device)
     for start in range(0, w.numel(), _CHUNK):
-        seg = w[start : start + _CHUNK].to(torch.int64)
-        idx = torch.arange(start, start + seg.numel(), dtype=torch.int64, device=w.device)
-        v = (seg ^ (idx * _K1)) * _K2
-        v = v ^ (v >> 31)
-        lanes[0] += v.sum()
-        u = v * _K3
-        lanes[1] += (u ^ (u >> 29)).sum()
+        seg = w[start : start + _CHUNK]
+        pos = torch.arange(start, start + seg.numel(), dtype=torch.int64, device=w.device)
+        a, b = _mix(seg, pos)
+        lanes[0] += a.sum()
+        lanes[1] += b.sum()
     return lanes
 
 
-def digest_rows(tensors: Sequence[torch.Tensor | None], slots: int) -> torch.Tensor:
-    """`[slots, 2]` int64 CPU digests; leaf i goes to slot min(i, slots - 1) (the last slot folds
-    the rest in). One device-to-host copy for all of them."""
+def _small_digests(items: list[tuple[int, torch.Tensor]], slots: int) -> torch.Tensor:
+    """Digests of several small tensors on one device in one pass: `[slots, 2]` on that device
+    (equal to summing `tensor_digest` of each into its slot)."""
+    words = [_words(t if t.is_contiguous() else t.contiguous()) for _, t in items]
+    dev = words[0].device
+    lengths = torch.tensor([w.numel() for w in words], device=dev)
+    flat = torch.cat([w.to(torch.int64) for w in words])
+    owner = torch.repeat_interleave(torch.arange(len(words), device=dev), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(flat.numel(), device=dev) - starts[owner]
+    a, b = _mix(flat, pos)
+    slot_of = torch.tensor([slot for slot, _ in items], device=dev)[owner]
+    out = torch.zeros(slots, 2, dtype=torch.int64, device=dev)
+    out[:, 0].index_add_(0, slot_of, a)
+    out[:, 1].index_add_(0, slot_of, b)
+    return out
+
+
+def digest_rows(
+    tensors: Sequence[torch.Tensor | None], slots: int, small: int = 4096
+) -> torch.Tensor:
+    """`[slots, 2]` int64 CPU digests of the given tensors: tensor i goes to slot
+    min(i, slots - 1) (the last slot sums the rest). Tensors of at most `small` elements are hashed
+    together in one pass per device; one device-to-host copy per device."""
     out = torch.zeros(slots, 2, dtype=torch.int64)
-    rows = [(min(i, slots - 1), tensor_digest(t)) for i, t in enumerate(tensors) if t is not None]
-    if not rows:
-        return out
-    by_dev: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-    for slot, d in rows:
-        by_dev.setdefault(d.device, []).append((slot, d))
-    for items in by_dev.values():
-        stacked = torch.stack([d for _, d in items]).cpu()
-        for (slot, _), d in zip(items, stacked):
-            out[slot] = out[slot] * 31 + d if slot == slots - 1 else d
+    small_by_dev: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        slot = min(i, slots - 1)
+        if t.numel() <= small and not (t.is_sparse or t.is_quantized or t.is_nested):
+            small_by_dev.setdefault(t.device, []).append((slot, t))
+        else:
+            out[slot] += tensor_digest(t).cpu()
+    for items in small_by_dev.values():
+        out += _small_digests(items, slots).cpu()
     return out

@@ -31,7 +31,8 @@ class Diagnosis:
     max_recompiles: int
     graphs: list[GraphInfo]
     signatures: list[Any]
-    """Per input signature seen: attentions that ran parallel, and outside cpfx's graphs."""
+    """Observed calls (the first of each input signature, and the one after each recompile):
+    attentions that ran parallel, and outside cpfx's graphs, by module."""
     dead: str | None
     """Why the process group is unusable, if a collective failed."""
 
@@ -64,7 +65,7 @@ class Diagnosis:
         for s in self.signatures:
             outside = ", ".join(f"{k} x{v}" for k, v in s.outside.items()) or "none"
             lines.append(
-                f"  inputs [{s.signature}]: {s.parallel} attention(s) ran parallel, "
+                f"  call {s.call}, inputs [{s.signature}]: {s.parallel} attention(s) ran parallel, "
                 f"{s.outside_total} outside cpfx's graphs (not parallel): {outside}"
             )
         return "\n".join(lines)
@@ -100,6 +101,6 @@ def diagnose(model: Any) -> Diagnosis:
         failed_calls=runtime.failed_calls,
         max_recompiles=runtime.config.max_recompiles,
         graphs=graphs,
-        signatures=list(runtime.reports.values()),
+        signatures=list(runtime.reports),
         dead=dead,
     )

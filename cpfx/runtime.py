@@ -115,6 +115,8 @@ class AttentionReport:
     """What the observed (first) call of one input signature ran."""
 
     signature: str
+    call: int = 0
+    """The model call that was observed."""
     parallel: int = 0
     """Attentions that ran context-parallel (in cpfx graphs)."""
     outside: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -181,7 +183,8 @@ class Runtime:
         self.pending_reasons: list[str] = []
         self.recompile_reasons: list[str] = []
         self.seen: set[Any] = set()
-        self.reports: dict[str, AttentionReport] = {}
+        self.reports: collections.deque[AttentionReport] = collections.deque(maxlen=32)
+        """The observed calls (first of each input signature, and the one after a recompile)."""
         self.calls = 0
         self.seq = 0
         self.failed_calls = 0
@@ -204,7 +207,12 @@ class Runtime:
     # --- compile side --------------------------------------------------------------------
     def guard_fail(self, failure: Any) -> None:
         """Dynamo's guard_fail_fn: called (only when recompiling) with each failed guard."""
-        self.pending_reasons.append(_short_reason(str(getattr(failure, "reason", failure))))
+        reason = _short_reason(str(getattr(failure, "reason", failure)))
+        code = getattr(failure, "orig_code", None)
+        if code is not None:
+            where = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+            reason = f"in {where}: {reason}"
+        self.pending_reasons.append(reason)
 
     def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         reason = self.pending_reasons[0] if self.pending_reasons else None
@@ -321,7 +329,7 @@ class Runtime:
 
         from cpfx.p2p import finish_sends
 
-        report = AttentionReport(_sig_text(sig)) if sig is not None else None
+        report = AttentionReport(_sig_text(sig), self.calls) if sig is not None else None
         try:
             with _recompile_limit_is_an_error(
                 self.config.max_recompiles if self.patch_limit else None
@@ -371,7 +379,7 @@ class Runtime:
         return self._paths
 
     def _judge(self, report: AttentionReport) -> None:
-        self.reports[report.signature] = report
+        self.reports.append(report)
         if self.info.world > 1 and report.parallel == 0:
             where = _where_text(report.outside)
             outside = (

@@ -649,3 +649,86 @@ def one_rank_fails_to_compile(timeout_s: float = 120.0) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - the type is what is checked
         err = f"{type(e).__name__}: {e}"
     return {"error": err, "seconds": time.perf_counter() - t0}
+
+
+def cache_dit_pipeline(mode: str = "model", steps: int = 8) -> dict[str, Any]:
+    """A tiny FluxPipeline with cache-dit's DBCache: the same image as the single process with the
+    same cache. mode "model": parallelize the transformer, then enable_cache; "blocks": enable_cache,
+    then parallelize each transformer block (the blocks the cache runs)."""
+    import warnings
+
+    import cache_dit
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+
+    def pipeline() -> Any:
+        m, _ = build("flux", img=64, txt=8, layers=2, single=4)
+        torch.manual_seed(2)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=1,
+            norm_num_groups=4,
+            sample_size=32,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+        )
+        pipe = FluxPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, None, None, m)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def cache(pipe: Any) -> None:
+        cfg = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.8, max_warmup_steps=2
+        )
+        cache_dit.enable_cache(pipe, cache_config=cfg)
+
+    def run(pipe: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        emb, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=emb,
+                pooled_prompt_embeds=pooled,
+                height=32,
+                width=32,
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(1),
+            ).images
+
+    ref_pipe = pipeline()
+    cache(ref_pipe)
+    ref = run(ref_pipe)
+    uncached = run(pipeline())
+    pipe = pipeline()
+    mesh = make_mesh((dist.get_world_size(),), ("ulysses",))
+    t = pipe.transformer
+    blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
+    if mode == "model":
+        cpfx.parallelize(t, mesh)
+        cache(pipe)
+    else:
+        cache(pipe)
+        for b in blocks:
+            cpfx.parallelize(b, mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img = run(pipe)
+    reports = t._cpfx.reports if mode == "model" else blocks[0]._cpfx.reports
+    return {
+        "max_abs": (img - ref).abs().max().item(),
+        "cache_effect": (ref - uncached).abs().max().item(),
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, cpfx.CpfxWarning)],
+        "first_call": (reports[0].parallel, reports[0].outside_total),
+        "block_calls": [b._cpfx.calls for b in blocks] if mode == "blocks" else None,
+    }

@@ -331,3 +331,19 @@ def test_attention_in_disabled_region_strict_raises(pools):
 def test_rank_seeded_inputs_raise_by_default(pools):
     for res in pools(2).run("tests.tasks:rank_seeded_inputs"):
         assert res.startswith("RankDivergenceError") and "hidden_states" in res, res
+
+
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_cache_dit_same_image_as_single_process(pools, mode):
+    """cache-dit's DBCache on a parallelized FluxPipeline (2 double + 4 single blocks): its block
+    loop is traced by Dynamo (only its bookkeeping is compiler-disabled), so all 6 attentions of the
+    first step run parallel; "blocks" parallelizes each block instead (also exact)."""
+    pytest.importorskip("cache_dit")
+    for res in pools(2).run("tests.tasks:cache_dit_pipeline", mode=mode):
+        assert res["cache_effect"] > 1e-3, res  # the cache did change the image...
+        assert res["max_abs"] <= 1e-5, res  # ...identically on 2 ranks and in one process
+        assert res["warnings"] == [], res
+        if mode == "model":
+            assert res["first_call"] == (6, 0), res
+        else:
+            assert res["first_call"] == (1, 0) and res["block_calls"] == [8, 2, 2, 2, 2, 2], res

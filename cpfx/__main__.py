@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--model", choices=sorted(tiny.BUILDERS), default="flux")
     d.add_argument("--world", type=int, default=2)
     d.add_argument("--mesh", choices=["ulysses", "ring", "usp"], default="ulysses")
-    d.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"img": 1023}\'')
+    d.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"img\": 1023}'")
     d.add_argument(
         "--disable",
         action="append",
@@ -87,8 +87,10 @@ def doctor(args: argparse.Namespace) -> None:
             model(**inputs)
             model(**inputs)
         print(cpfx.diagnose(model))
-        print("(one process under a fake process group: shapes, plan and bytes are those of rank 0;"
-              " the output values are not computed)")
+        print(
+            "(one process under a fake process group: shapes, plan and bytes are those of rank 0;"
+            " the output values are not computed)"
+        )
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""`cpfx.diagnose(model)`: what a parallelized model did, per compiled graph and per input signature."""
+"""`cpfx.diagnose(model)`: what a parallelized model did, per compiled graph and observed call."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exceptions and warnings raised by cpfx. Every message says what failed, where, and what to change."""
+"""Exceptions and warnings cpfx raises; each message says what failed, where, and what to change."""
 
 from __future__ import annotations
 

@@ -176,7 +176,9 @@ _CHUNK = 1 << 22
 
 def text_hash(s: str) -> int:
     """A signed 64-bit hash of `s`, equal in every process (unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(s.encode(), digest_size=8).digest(), "little", signed=True
+    )
 
 
 def _words(x: torch.Tensor) -> torch.Tensor:

@@ -242,7 +242,9 @@ class Runtime:
             if self.config.check_collectives and self.info.check_group is not None:
                 try:
                     cc.announce_failure(
-                        self.info.check_group, self.info.world, self.config.timeout_s,
+                        self.info.check_group,
+                        self.info.world,
+                        self.config.timeout_s,
                         len(self.be.graphs),  # type: ignore[attr-defined]
                     )
                 except CpfxError as e:
@@ -364,13 +366,20 @@ class Runtime:
                 raise self._recompile_error() from e
             if isinstance(e, dist.DistError):
                 comm = rankcheck.communication_error(
-                    e, f"a collective of {self.model_name}", f"{self.ordinal}/{self.seq}/call",
-                    self.ranks, 0.0, None,
+                    e,
+                    f"a collective of {self.model_name}",
+                    f"{self.ordinal}/{self.seq}/call",
+                    self.ranks,
+                    0.0,
+                    None,
                 )
                 rankcheck.mark_dead(self.ranks, str(comm))
                 raise comm from e
-            _add_note(e, f"cpfx: raised on rank {self.info.cp_rank} during call {self.calls} of "
-                      f"parallelized {self.model_name}")
+            _add_note(
+                e,
+                f"cpfx: raised on rank {self.info.cp_rank} during call {self.calls} of "
+                f"parallelized {self.model_name}",
+            )
             raise
 
     def _module_paths(self) -> dict[int, str]:
@@ -458,7 +467,16 @@ class Runtime:
             sig_hash = self._sig_hashes[sig] = rankcheck.text_hash(repr(sig[1:]))
         flags = int(digest) | (int(first) << 1)
         grad = int(grad_problem is not None)
-        fields = [_MAGIC, self.ordinal, self.seq, sig_hash, flags, len(leaves), self._name_hash, grad]
+        fields = [
+            _MAGIC,
+            self.ordinal,
+            self.seq,
+            sig_hash,
+            flags,
+            len(leaves),
+            self._name_hash,
+            grad,
+        ]
         tensors = [
             x if isinstance(x, torch.Tensor) and (digest or x.numel() <= SMALL) else None
             for x in leaves
@@ -517,8 +535,9 @@ class Runtime:
         if bad(3) or bad(5):
             return self._shape_mismatch(rows, leaves, args, kwargs)
         if bad(4):
-            per = ", ".join(f"rank {r}: {'first' if int(rows[r, 4]) & 2 else 'repeat'}" for r in
-                            range(world))
+            per = ", ".join(
+                f"rank {r}: {'first' if int(rows[r, 4]) & 2 else 'repeat'}" for r in range(world)
+            )
             return (
                 f"cpfx: ranks disagree whether call {self.calls} of {self.model_name} is the first "
                 f"of its input signature ({per}): their earlier calls or compiled variants "
@@ -550,14 +569,22 @@ class Runtime:
         table = torch.full((SLOTS, width), -1, dtype=torch.int64)
         for i, x in enumerate(leaves[:SLOTS]):
             if isinstance(x, torch.Tensor):
-                table[i, 0], table[i, 1], table[i, 2] = 1, rankcheck.text_hash(str(x.dtype)), x.dim()
+                table[i, 0], table[i, 1], table[i, 2] = (
+                    1,
+                    rankcheck.text_hash(str(x.dtype)),
+                    x.dim(),
+                )
                 for d, s in enumerate(tuple(x.shape)[:_MAX_DIMS]):
                     table[i, 3 + d] = int(s)
             else:
                 table[i, 0], table[i, 1] = 2, rankcheck.text_hash(_value_text(x))
         everyone = rankcheck.all_gather(
-            table.reshape(-1), info.check_group, info.world, self.config.timeout_s,
-            f"the input check of call {self.calls}", f"{self.ordinal}/{self.seq}/shapes",
+            table.reshape(-1),
+            info.check_group,
+            info.world,
+            self.config.timeout_s,
+            f"the input check of call {self.calls}",
+            f"{self.ordinal}/{self.seq}/shapes",
         ).reshape(info.world, SLOTS, width)
         names = _leaf_names(args, kwargs)
         counts = [int(rows[r, 5]) for r in range(info.world)]
@@ -574,9 +601,13 @@ class Runtime:
                 "number of inputs: " + ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
             )
         diff_ranks = sorted(
-            {r for r in range(info.world) for s in range(SLOTS)
-             if bool((everyone[r, s] != everyone[0, s]).any())} or
-            {r for r in range(info.world) if counts[r] != counts[0]}
+            {
+                r
+                for r in range(info.world)
+                for s in range(SLOTS)
+                if bool((everyone[r, s] != everyone[0, s]).any())
+            }
+            or {r for r in range(info.world) if counts[r] != counts[0]}
         )
         return (
             f"cpfx: ranks {diff_ranks} received different inputs than rank 0 in call {self.calls} "
@@ -620,7 +651,9 @@ def _sig_text(sig: Any) -> str:
         return ""
     parts = []
     for it in sig[2]:
-        parts.append(f"{list(it[0])}:{it[1].replace('torch.', '')}" if isinstance(it, tuple) else it)
+        parts.append(
+            f"{list(it[0])}:{it[1].replace('torch.', '')}" if isinstance(it, tuple) else it
+        )
     return ", ".join(parts)
 
 
@@ -667,8 +700,8 @@ def _drop_sends() -> None:
     while works:
         try:
             works.pop().wait()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001 - the call's own error is the one to report
+            log.debug("cpfx: a pending send failed after a failed call: %s", e)
 
 
 def _is_recompile_limit(e: BaseException) -> bool:
@@ -827,11 +860,33 @@ def source_line_of(n: fx.Node) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _SCALAR_OPS = {
-    operator.mul, operator.truediv, operator.add, operator.sub, operator.neg, operator.pos,
-    torch.mul, torch.add, torch.sub, torch.div, torch.true_divide,
+    operator.mul,
+    operator.truediv,
+    operator.add,
+    operator.sub,
+    operator.neg,
+    operator.pos,
+    torch.mul,
+    torch.add,
+    torch.sub,
+    torch.div,
+    torch.true_divide,
 }
-_SCALAR_METHODS = {"mul", "add", "sub", "div", "__mul__", "__rmul__", "__add__", "__radd__",
-                   "__sub__", "__rsub__", "__truediv__", "__rtruediv__", "neg"}
+_SCALAR_METHODS = {
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "__mul__",
+    "__rmul__",
+    "__add__",
+    "__radd__",
+    "__sub__",
+    "__rsub__",
+    "__truediv__",
+    "__rtruediv__",
+    "neg",
+}
 
 
 def tensorify_float_inputs(gm: fx.GraphModule) -> None:
@@ -893,7 +948,7 @@ def _scalar_uses_ok(item: fx.Node) -> bool:
                     av = a.meta.get("example_value")
                     if not isinstance(av, torch.Tensor) or av.dim() == 0:
                         return False
-        elif isinstance(ev, torch.SymFloat) or isinstance(ev, float):
+        elif isinstance(ev, (torch.SymFloat, float)):
             if any(isinstance(a, fx.Node) and a is not item for a in u.args):
                 return False
             if not _scalar_uses_ok(u):

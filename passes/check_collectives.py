@@ -1,4 +1,4 @@
-"""check_collectives: every rank must issue matching collectives, in the same order, of matching sizes.
+"""check_collectives: every rank must issue matching collectives, in one order, of matching sizes.
 
 Preconditions: the final graph (runs after every pass that adds or reorders collectives), with
 `meta["val"]` refreshed.
@@ -240,7 +240,7 @@ def _sizes_mismatch(
 
 class _CompileState(threading.local):
     exchanged = True
-    """Whether this thread's current compile reached the exchange (set False as a compile starts)."""
+    """Whether this thread's current compile reached the exchange (False when a compile starts)."""
 
 
 _state = _CompileState()
@@ -263,9 +263,7 @@ def announce_failure(check_group: Any, world: int, timeout_s: float, graph_id: i
     all_gather(torch.tensor([-1]), check_group, world, timeout_s, what, "compile-failed")
 
 
-def exchange_records(
-    recs: list[list[int]], ctx: PassContext, width: int
-) -> list[list[list[int]]]:
+def exchange_records(recs: list[list[int]], ctx: PassContext, width: int) -> list[list[list[int]]]:
     """Every rank's records, gathered as two int64 tensors (counts, then padded records)."""
     from cpfx.rankcheck import all_gather
 

@@ -653,8 +653,8 @@ def one_rank_fails_to_compile(timeout_s: float = 120.0) -> dict[str, Any]:
 
 def cache_dit_pipeline(mode: str = "model", steps: int = 8) -> dict[str, Any]:
     """A tiny FluxPipeline with cache-dit's DBCache: the same image as the single process with the
-    same cache. mode "model": parallelize the transformer, then enable_cache; "blocks": enable_cache,
-    then parallelize each transformer block (the blocks the cache runs)."""
+    same cache. mode "model": parallelize the transformer, then enable_cache; "blocks":
+    enable_cache, then parallelize each transformer block (the blocks the cache runs)."""
     import warnings
 
     import cache_dit
@@ -687,7 +687,10 @@ def cache_dit_pipeline(mode: str = "model", steps: int = 8) -> dict[str, Any]:
 
     def cache(pipe: Any) -> None:
         cfg = cache_dit.DBCacheConfig(
-            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.8, max_warmup_steps=2
+            Fn_compute_blocks=1,
+            Bn_compute_blocks=0,
+            residual_diff_threshold=0.8,
+            max_warmup_steps=2,
         )
         cache_dit.enable_cache(pipe, cache_config=cfg)
 

@@ -136,7 +136,9 @@ def _eager_type_error(x):
 def test_original_exception_surfaces_with_context():
     torch._dynamo.reset()
     with fake_world(2):
-        m = cpfx.parallelize(_RaisesInEager(), _mesh(), cpfx.ParallelConfig(check_collectives=False))
+        m = cpfx.parallelize(
+            _RaisesInEager(), _mesh(), cpfx.ParallelConfig(check_collectives=False)
+        )
         with pytest.raises(TypeError, match="user code failed") as info, torch.no_grad():
             m(torch.randn(1, 16, 16))
     notes = getattr(info.value, "__notes__", [])
@@ -259,7 +261,6 @@ def test_dump_refuses_symlinks_and_separates_models(tmp_path):
     root = tmp_path / "dumps"
     target = tmp_path / "elsewhere"
     target.mkdir()
-    planted = root / "FluxTransformer2DModel-{}".format(0)
     cfg = cpfx.ParallelConfig(dump_dir=str(root), check_collectives=False)
     with fake_world(2), torch.no_grad():
         from cpfx import api
@@ -347,3 +348,45 @@ def test_cache_dit_same_image_as_single_process(pools, mode):
             assert res["first_call"] == (6, 0), res
         else:
             assert res["first_call"] == (1, 0) and res["block_calls"] == [8, 2, 2, 2, 2, 2], res
+
+
+class _Scaled(torch.nn.Module):
+    """A float attribute that only scales (`scale`) and one used to build a tensor (`fill`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.scale = 0.5
+        self.fill = 0.25
+
+    def forward(self, x):
+        return self.lin(x) * self.scale + torch.full_like(x, self.fill)
+
+
+def test_float_attributes_become_inputs_or_specialize():
+    """`scale` becomes a 0-d tensor input after its second value (no more recompiles); `fill`
+    cannot (it builds a tensor), so Dynamo restarts and specializes it: one variant per value,
+    as with dynamic=False. Outputs equal eager either way."""
+    from torch.fx.experimental.dynamic_spec import ShapesSpec
+
+    from cpfx.runtime import tensorify_float_inputs
+
+    torch._dynamo.reset()
+    m, x, graphs = _Scaled(), torch.randn(2, 4), []
+
+    def backend(gm, example_inputs):
+        tensorify_float_inputs(gm)
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch._dynamo.optimize(backend, shapes_spec=ShapesSpec())(m)
+    with torch.no_grad():
+        for s in [0.5, 0.7, 0.9, 1.1, 1.3]:
+            m.scale = s
+            torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
+        assert len(graphs) == 2
+        assert not any(n.target == "item" for n in graphs[1].graph.nodes)
+        for f in [0.1, 0.2, 0.3]:
+            m.fill = f
+            torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
+    assert len(graphs) == 5, len(graphs)

@@ -369,7 +369,7 @@ def test_float_attributes_become_inputs_or_specialize():
     as with dynamic=False. Outputs equal eager either way."""
     from torch.fx.experimental.dynamic_spec import ShapesSpec
 
-    from cpfx.runtime import tensorify_float_inputs
+    from cpfx.scalars import tensorify_float_inputs
 
     torch._dynamo.reset()
     m, x, graphs = _Scaled(), torch.randn(2, 4), []

@@ -10,11 +10,15 @@ from cpfx.api import parallelize, sent_bytes_per_call
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.debug import counters, reset_counters
+from cpfx.diagnose import diagnose
 from cpfx.errors import (
+    CommunicationError,
     ConfigError,
     CpfxError,
+    CpfxWarning,
     PassError,
     RankDivergenceError,
+    RecompileLimitError,
     UnsupportedPatternError,
     VerificationError,
 )
@@ -27,15 +31,19 @@ except Exception:  # noqa: BLE001 - logging setup must never break import
     pass
 
 __all__ = [
+    "CommunicationError",
     "ConfigError",
     "CpfxError",
+    "CpfxWarning",
     "ParallelConfig",
     "PassError",
     "RankDivergenceError",
+    "RecompileLimitError",
     "UnsupportedPatternError",
     "VerificationError",
     "backend",
     "counters",
+    "diagnose",
     "explain",
     "parallelize",
     "reset_counters",

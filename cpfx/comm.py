@@ -21,8 +21,11 @@ C10D = torch.ops._c10d_functional
 
 
 def take_pieces(x: torch.Tensor, dim: int, pieces: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Concatenate the ranges `(start, length)` of `x` along `dim` (one narrow if contiguous)."""
-    runs = merge_runs(pieces)
+    """Concatenate the ranges `(start, length)` of `x` along `dim` (one narrow if contiguous).
+    No pieces (a rank that holds no tokens of this tensor) give a zero-length slice."""
+    runs = merge_runs([(start, n) for start, n in pieces if n])
+    if not runs:
+        return x.narrow(dim, 0, 0)
     parts = [x.narrow(dim, start, n) for start, n in runs]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
@@ -94,10 +97,13 @@ def gather_tokens(
     """All-gather a token-sharded tensor back to its global order (uneven shards included).
 
     `shape` is the local shape of `x`; shards are padded to the longest one because gloo rejects
-    all-gathers of unequal shapes, then the valid rows are put back in global order.
+    all-gathers of unequal shapes, then the valid rows are put back in global order. Ranks with no
+    tokens take part with zero valid rows; a sequence of no tokens at all needs no exchange.
     """
     sizes = [layout.local_size(r) for r in ranks]
     longest = max(sizes)
+    if longest == 0:
+        return x  # zero tokens everywhere: the global tensor is the (empty) local one
     rows = x.movedim(dim, 0).contiguous()  # [..., S_loc, ...] -> [S_loc, ...]
     rows = pad_rows(rows, shape[dim], longest, len(shape))
     gathered = [longest, *shape[:dim], *shape[dim + 1 :]]
@@ -116,6 +122,8 @@ def gather_tokens(
         return full.movedim(0, dim)  # even shards already in global order: no reordering
     located.sort(key=lambda p: p[0])
     parts = [p for _, p in located]
+    if not parts:
+        return full.narrow(0, 0, 0).movedim(0, dim)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
     return out.movedim(0, dim)
 

@@ -1,11 +1,16 @@
-"""User-facing configuration: one frozen dataclass, validated before any work."""
+"""User-facing configuration: one frozen dataclass, validated (types and values) at construction."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+import os
+import warnings
+from typing import Any, Literal
 
 from cpfx.errors import ConfigError
+
+CHECK_INPUTS = ("always", "first", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,23 +39,41 @@ class ParallelConfig:
     """Hand the rewritten graph to inductor. Default: run it eagerly as an FX GraphModule."""
 
     dump_dir: str | None = None
-    """Write per-rank, per-pass readable graph dumps here (also set by CPFX_DUMP_DIR)."""
+    """Write per-rank, per-pass readable graph dumps here (also set by CPFX_DUMP_DIR), one folder
+    per parallelized model (`<dump_dir>/<ModelClass>-<n>/rank<r>/graph<g>/`). Symbolic links
+    inside it are refused."""
 
     skip_passes: tuple[str, ...] = ()
-    """Pass names to skip, for bisecting a problem. Skipping a required pass raises."""
+    """Pass names to skip, for bisecting a problem (a list is accepted and stored as a tuple).
+    Unknown names and required passes are refused here."""
 
     check_collectives: bool = True
-    """Compare a fingerprint of every rank's collective sequence once per compile; raise with a
-    diff on mismatch instead of hanging."""
+    """Once per compile, exchange every rank's collective schedule (kinds, groups, roles, dtypes,
+    local shapes and split sizes) over cpfx's gloo check group and check that what each rank sends
+    is what its peers expect to receive; raise `RankDivergenceError` naming ranks and shapes on a
+    mismatch, before any of the graph's collectives runs."""
 
-    check_inputs: bool = False
-    """Verify (once per call, with one small all-gather) that all ranks received the same inputs."""
+    check_inputs: Literal["always", "first", "never"] = "first"
+    """Cross-rank input check before each call, over cpfx's gloo check group (one all-gather of a
+    few hundred bytes): every call compares the call number, the model and the input shapes, dtypes
+    and non-tensor values (a skipped call or different shapes raise `RankDivergenceError` on every
+    rank); "first" also compares a hash of the input bytes on the first call of each input
+    signature, "always" on every call (one hashing pass over the inputs); "never" checks nothing.
+    `True` / `False` are accepted for now as "always" / "never" (deprecated)."""
 
     timeout_s: float = 300.0
-    """Collective timeout used for the consistency checks; a dead or stalled rank raises within it."""
+    """Timeout of cpfx's own cross-rank checks (a dead or stalled rank raises within it). The
+    user's process groups keep their own timeouts."""
 
     max_recompiles: int = 8
-    """Hard cap on graph recompilations (new shapes/dtypes) per parallelized model."""
+    """Dynamo's recompile limit for this model's compiled region (per frame: the model's forward
+    and each resume function after a graph break); each parallelized model has its own region.
+    Past it cpfx raises `RecompileLimitError` with Dynamo's reason instead of running eagerly."""
+
+    strict: bool = False
+    """Attention that runs outside cpfx's graphs (graph breaks, `torch.compiler.disable`,
+    checkpointed regions, custom processors) is computed in full on every rank. Default: warn
+    (`CpfxWarning`) on the first call of each input signature; True: raise instead."""
 
     verify: bool = False
     """On the first call of each compiled graph, also run the unparallelized graph on the same
@@ -65,15 +88,107 @@ class ParallelConfig:
     inferred plan, for bisecting or for modules cpfx shards badly."""
 
     def __post_init__(self) -> None:
-        if self.ring_rotate not in ("allgather", "p2p"):
+        _choice(self, "ring_rotate", ("allgather", "p2p"))
+        _choice(self, "head_padding", ("auto", "pad", "uneven"))
+        for name in ("fp8_comm", "async_qkv", "compile", "check_collectives", "strict", "verify"):
+            if type(getattr(self, name)) is not bool:
+                raise ConfigError(
+                    f"ParallelConfig.{name}={getattr(self, name)!r}: expected True or False "
+                    f"(a bool, not {type(getattr(self, name)).__name__})"
+                )
+        self._check_dump_dir()
+        self._check_inputs_field()
+        self._check_timeout()
+        m = self.max_recompiles
+        if type(m) is not int or m < 1:
+            raise ConfigError(f"ParallelConfig.max_recompiles={m!r}: expected an int >= 1")
+        self._check_skip_passes()
+        self._check_replicate()
+
+    def _check_replicate(self) -> None:
+        r = self.replicate
+        if isinstance(r, list):
+            r = tuple(r)
+            object.__setattr__(self, "replicate", r)
+        if not isinstance(r, tuple) or not all(isinstance(x, str) and x for x in r):
             raise ConfigError(
-                f"ParallelConfig.ring_rotate={self.ring_rotate!r}: expected 'allgather' or 'p2p'"
+                f"ParallelConfig.replicate={r!r}: expected a tuple of module paths, "
+                "e.g. ('transformer_blocks.3.attn',)"
             )
-        if self.head_padding not in ("auto", "pad", "uneven"):
+
+    def _check_dump_dir(self) -> None:
+        d = self.dump_dir
+        if d is None:
+            return
+        if isinstance(d, os.PathLike):
+            object.__setattr__(self, "dump_dir", os.fspath(d))
+        elif not isinstance(d, str) or not d:
             raise ConfigError(
-                f"ParallelConfig.head_padding={self.head_padding!r}: expected 'auto', 'pad' or 'uneven'"
+                f"ParallelConfig.dump_dir={d!r}: expected a non-empty path (str or os.PathLike) "
+                "or None"
             )
-        if self.timeout_s <= 0:
-            raise ConfigError(f"ParallelConfig.timeout_s={self.timeout_s}: must be positive")
-        if self.max_recompiles < 1:
-            raise ConfigError(f"ParallelConfig.max_recompiles={self.max_recompiles}: must be >= 1")
+
+    def _check_inputs_field(self) -> None:
+        v = self.check_inputs
+        if type(v) is bool:
+            warnings.warn(
+                f"ParallelConfig(check_inputs={v}) is deprecated: use "
+                f"check_inputs={'always' if v else 'never'!r}",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+            object.__setattr__(self, "check_inputs", "always" if v else "never")
+            return
+        _choice(self, "check_inputs", CHECK_INPUTS)
+
+    def _check_timeout(self) -> None:
+        t = self.timeout_s
+        if type(t) not in (int, float) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(
+                f"ParallelConfig.timeout_s={t!r}: expected a finite positive number of seconds"
+            )
+        object.__setattr__(self, "timeout_s", float(t))
+
+    def _check_skip_passes(self) -> None:
+        s = self.skip_passes
+        if isinstance(s, list):
+            s = tuple(s)
+            object.__setattr__(self, "skip_passes", s)
+        if not isinstance(s, tuple) or not all(isinstance(x, str) for x in s):
+            raise ConfigError(
+                f"ParallelConfig.skip_passes={s!r}: expected a tuple of pass names, "
+                "e.g. ('overlap',)"
+            )
+        if not s:
+            return
+        known, required = _pass_names(self)
+        unknown = [x for x in s if x not in known]
+        if unknown:
+            raise ConfigError(
+                f"ParallelConfig.skip_passes: unknown pass name(s) {unknown}; passes: {known}"
+            )
+        bad = [x for x in s if x in required]
+        if bad:
+            raise ConfigError(
+                f"ParallelConfig.skip_passes: {bad} cannot be skipped (required); skippable: "
+                f"{[n for n in known if n not in required]}"
+            )
+
+
+def _choice(cfg: ParallelConfig, name: str, allowed: tuple[str, ...]) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, str) or v not in allowed:
+        raise ConfigError(
+            f"ParallelConfig.{name}={v!r}: expected one of {', '.join(repr(a) for a in allowed)}"
+        )
+
+
+def _pass_names(cfg: ParallelConfig) -> tuple[list[str], tuple[str, ...]]:
+    """Every pass the pipeline can contain (with all optional passes on), and the required ones."""
+    from cpfx import pipeline
+
+    probe: Any = dataclasses.replace(
+        cfg, skip_passes=(), fp8_comm=True, async_qkv=True, check_collectives=True, compile=True
+    )
+    passes = pipeline.build_pipeline(probe)
+    return [p.name for p in passes], tuple(p.name for p in passes if p.required)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
+import stat
 from pathlib import Path
 
 import torch.fx as fx
+
+from cpfx.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +46,82 @@ def is_wait(n: fx.Node) -> bool:
 def write_dump(
     dump_dir: str, rank: int, graph_id: int, index: int, name: str, gm: fx.GraphModule, header: str
 ) -> Path:
-    """Write one readable graph file: `<dump_dir>/rank<r>/graph<g>/<nn>_<pass>.py`."""
-    d = Path(dump_dir) / f"rank{rank}" / f"graph{graph_id}"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{index:02d}_{name}.py"
+    """Write one readable graph file: `<dump_dir>/rank<r>/graph<g>/<nn>_<pass>.py`.
+
+    Nothing below `dump_dir` (nor `dump_dir` itself) may be a symbolic link: each level is opened
+    relative to its parent with O_NOFOLLOW, so a planted link is refused (ConfigError), never
+    followed, and nothing is written outside `dump_dir`."""
     text = gm.print_readable(print_output=False, include_stride=False, include_device=False)
-    path.write_text(f"# {header}\n{text}")
-    return path
+    parts = [f"rank{int(rank)}", f"graph{int(graph_id)}"]
+    fname = f"{int(index):02d}_{_safe_name(name)}.py"
+    write_file_below(dump_dir, parts, fname, f"# {header}\n{text}")
+    return Path(dump_dir, *parts, fname)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "_"
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def write_file_below(root: str, parts: list[str], fname: str, text: str) -> None:
+    """Create `root/parts.../fname` without following a symbolic link at any level at or below
+    `root` (the directories are created if missing)."""
+    root = os.path.abspath(root)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    fd = _open_dir(None, root, root)
+    try:
+        path = root
+        for part in parts:
+            path = os.path.join(path, part)
+            sub = _open_dir(fd, part, path)
+            os.close(fd)
+            fd = sub
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
+        try:
+            f = os.open(fname, flags, 0o644, dir_fd=fd)
+        except OSError as e:
+            raise _refused(os.path.join(path, fname), e) from e
+        with os.fdopen(f, "w") as out:
+            out.write(text)
+    finally:
+        os.close(fd)
+
+
+def _open_dir(parent_fd: int | None, name: str, path: str) -> int:
+    """Open (creating it if missing) the directory `name` under `parent_fd` without following a
+    symbolic link."""
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise _refused(path, e) from e
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise _refused(path, None)
+        return os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=parent_fd)
+    except OSError as e:
+        raise _refused(path, e) from e
+
+
+def _refused(path: str, e: OSError | None) -> ConfigError:
+    kind = "a symbolic link" if os.path.islink(path) else "not a plain directory/file"
+    return ConfigError(
+        f"cpfx: refusing to write a graph dump at {path}: it is {kind}"
+        + (f" ({e.strerror})" if e is not None and e.strerror else "")
+        + "; dumps never follow links or write outside dump_dir. Remove it or choose another "
+        "dump_dir (ParallelConfig(dump_dir=...) / CPFX_DUMP_DIR)."
+    )
+
+
+def model_dump_dir(root: str, model_class: str, ordinal: int) -> str:
+    """The dump folder of one parallelized model: `<root>/<ModelClass>-<n>` (n counts the
+    parallelize calls of this process, so it matches across ranks)."""
+    return os.path.join(os.path.abspath(root), f"{_safe_name(model_class)}-{ordinal}")
 
 
 def env_dump_dir() -> str | None:

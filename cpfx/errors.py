@@ -1,4 +1,4 @@
-"""Exceptions raised by cpfx. Every message says what failed, where, and what to change."""
+"""Exceptions and warnings cpfx raises; each message says what failed, where, and what to change."""
 
 from __future__ import annotations
 
@@ -26,3 +26,18 @@ class PassError(CpfxError):
 class VerificationError(CpfxError):
     """`ParallelConfig(verify=True)`: a value on some rank differs from its slice of the
     single-process value; names the first op (in graph order) where that happens."""
+
+
+class CommunicationError(CpfxError):
+    """A collective failed (a peer died, stalled past the timeout, or the group is dead); chained to
+    the original error, naming this rank, the peer or group when known, and the collective."""
+
+
+class RecompileLimitError(CpfxError):
+    """A parallelized model needs more compiled variants than `ParallelConfig.max_recompiles`;
+    Dynamo would otherwise fall back to eager (unparallelized) code silently."""
+
+
+class CpfxWarning(UserWarning):
+    """Something ran, but not the way cpfx promises (e.g. attention outside cpfx's graphs, which
+    every rank computed in full)."""

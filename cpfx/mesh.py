@@ -79,10 +79,11 @@ def mesh_info(mesh: Any, config: ParallelConfig) -> MeshInfo:
     ring_ranks = tuple(rr * U + u for rr in range(R))
     group = lambda n: mesh.get_group(n).group_name if n in sizes and sizes[n] > 1 else ""  # noqa: E731
     check_group = None
-    if config.check_collectives or config.check_inputs:
-        from cpfx.passes.check_collectives import make_check_group
+    if config.check_collectives or config.check_inputs != "never":
+        from cpfx.rankcheck import check_group as cpfx_check_group
 
-        check_group = make_check_group(list(range(world)), config.timeout_s) if world > 1 else None
+        # cpfx's own gloo group, created once per set of ranks and reused by every model.
+        check_group = cpfx_check_group(range(world), config.timeout_s)
     return MeshInfo(
         world=world,
         cp_rank=rank,

@@ -3,19 +3,33 @@
 The op issues `batch_isend_irecv` (send to `send_to`, receive from `recv_from`, global ranks) and
 returns the receive buffer at once; the receive is registered with the functional-collective
 work registry, so `_c10d_functional.wait_tensor(out)` is the wait node that scheduling passes
-and inductor understand. Pending sends are completed before the next step's sends are issued.
+and inductor understand. Pending sends are completed before the next step's sends are issued,
+and by the runtime at the end of each call. They are kept per thread: a call runs in one thread,
+so two threads' calls never wait for (or drop) each other's sends.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-_pending_sends: list[dist.Work] = []
+
+class _PendingSends(threading.local):
+    """This thread's sends that are still in flight (their buffers must stay alive until waited)."""
+
+    def __init__(self) -> None:
+        self.works: list[dist.Work] = []
+
+    def __len__(self) -> int:
+        return len(self.works)
+
+
+_pending_sends = _PendingSends()
 
 
 @torch.library.custom_op("cpfx::ring_send_recv", mutates_args=())
@@ -28,7 +42,7 @@ def ring_send_recv(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tenso
     ops = [dist.P2POp(dist.isend, x, send_to), dist.P2POp(dist.irecv, out, recv_from)]
     works = dist.batch_isend_irecv(ops)
     *sends, recv = works if len(works) > 1 else (works[0], works[0])
-    _pending_sends.extend(w for w in sends if w is not recv)
+    _pending_sends.works.extend(w for w in sends if w is not recv)
     torch._C._distributed_c10d._register_work(out, recv)
     return out
 
@@ -39,6 +53,8 @@ def _(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
 
 
 def finish_sends() -> None:
-    """Wait for sends issued by earlier ring steps (their buffers must stay valid until then)."""
-    while _pending_sends:
-        _pending_sends.pop().wait()
+    """Wait for this thread's sends issued by earlier ring steps (their buffers must stay valid
+    until then)."""
+    works = _pending_sends.works
+    while works:
+        works.pop().wait()

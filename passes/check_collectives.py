@@ -1,19 +1,30 @@
-"""check_collectives: every rank must issue the same collectives in the same order.
+"""check_collectives: every rank must issue matching collectives, in one order, of matching sizes.
 
-Preconditions: the final graph (runs after every pass that adds or reorders collectives).
-Postconditions: the graph is unchanged. Each rank's sequence of (collective kind, group, role) is
-exchanged once per compile over a gloo group with a timeout; a mismatch raises
-`RankDivergenceError` with the first differing position on every rank, instead of a hang later.
-Shard sizes may legitimately differ between ranks (uneven sequences), so sizes are not compared.
+Preconditions: the final graph (runs after every pass that adds or reorders collectives), with
+`meta["val"]` refreshed.
+Postconditions: the graph is unchanged; `gm.meta["cpfx_collectives"]` (readable sequence) and
+`gm.meta["cpfx_sent_bytes"]` are set.
+
+Each collective becomes a fixed-width int64 record (kind, mesh dim, role, dtype, local input shape,
+split sizes, p2p peers). Once per compile the ranks exchange their record counts, then the records,
+as tensors over cpfx's gloo check group (no pickle), and every rank runs the same comparison:
+
+    kinds/dims/roles/dtypes equal at each position on every rank
+    all_to_all      rank a's input split for b == rank b's output split for a; trailing dims equal
+    all_gather      input shapes equal over the group
+    ring send/recv  the sender's block shape == the receiver's own block shape (its buffer)
+
+so uneven shards pass and a rank compiled for other shapes raises `RankDivergenceError` on every
+rank, naming the ranks and shapes, before any of the graph's collectives runs.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import logging
+import threading
+from typing import Any
 
-import torch.distributed as dist
+import torch
 import torch.fx as fx
 
 from cpfx.context import PassContext
@@ -22,17 +33,33 @@ from cpfx.errors import RankDivergenceError
 
 log = logging.getLogger(__name__)
 PASS = "check_collectives"
+MAX_DIMS = 8
+DIMS = ("cp", "ulysses", "ring")
+# Record layout (int64): kind, dim, role, dtype, ndim, shape[MAX_DIMS], send_to, recv_from, then
+# input splits[world], output splits[world]. Codes are 64-bit text hashes; -1 means "none".
+_KIND, _DIM, _ROLE, _DTYPE, _NDIM, _SHAPE = 0, 1, 2, 3, 4, 5
+_SEND, _RECV = _SHAPE + MAX_DIMS, _SHAPE + MAX_DIMS + 1
+_SPLITS = _RECV + 1
+
+
+def _kind(n: fx.Node) -> str:
+    return str(n.target).replace("_c10d_functional.", "").replace(".default", "")
+
+
+def _dim_name(n: fx.Node, ctx: PassContext) -> str:
+    if "ring_send_recv" in str(n.target):
+        return "ring"
+    dims = {ctx.ulysses_group: "ulysses", ctx.ring_group: "ring", ctx.cp_group: "cp"}
+    group = next((a for a in n.args if isinstance(a, str)), "")
+    return dims.get(group, group or "?")
 
 
 def collective_sequence(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     """(kind[mesh dim](role)) per collective; group names differ between sub-groups, dims don't."""
-    dims = {ctx.ulysses_group: "ulysses", ctx.ring_group: "ring", ctx.cp_group: "cp"}
-    out = []
-    for n in collective_nodes(gm):
-        name = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
-        group = next((a for a in n.args if isinstance(a, str)), "ring")
-        out.append(f"{name}[{dims.get(group, group)}]({n.meta.get('cpfx_role', '')})")
-    return out
+    return [
+        f"{_kind(n)}[{_dim_name(n, ctx)}]({n.meta.get('cpfx_role', '')})"
+        for n in collective_nodes(gm)
+    ]
 
 
 def _group_size(n: fx.Node, ctx: PassContext) -> int:
@@ -51,7 +78,7 @@ def sent_bytes(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[str, str, int
     for n in collective_nodes(gm):
         x = n.args[0].meta.get("val")
         nbytes = x.numel() * x.element_size()
-        kind = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
+        kind = _kind(n)
         g = _group_size(n, ctx)
         if "all_to_all" in kind:
             in_splits = n.args[2]
@@ -65,25 +92,201 @@ def sent_bytes(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[str, str, int
     return out
 
 
-def fingerprint(seq: list[str]) -> str:
-    return hashlib.sha256("\n".join(seq).encode()).hexdigest()[:16]
+def _code(s: str) -> int:
+    from cpfx.rankcheck import text_hash
+
+    return text_hash(s)
 
 
-def compare(seqs: list[list[str]]) -> str | None:
-    """A readable description of the first difference between ranks' sequences, or None."""
-    ref = seqs[0]
-    for r, seq in enumerate(seqs[1:], start=1):
-        if seq == ref:
-            continue
-        for i in range(max(len(ref), len(seq))):
-            a = ref[i] if i < len(ref) else "<end>"
-            b = seq[i] if i < len(seq) else "<end>"
-            if a != b:
-                return (
-                    f"collective #{i}: rank 0 issues {a}, rank {r} issues {b} "
-                    f"(rank 0 has {len(ref)} collectives, rank {r} has {len(seq)})"
-                )
+def record(n: fx.Node, ctx: PassContext) -> list[int]:
+    """The fixed-width int64 record of one collective node."""
+    w = ctx.world
+    rec = [-1] * (_SPLITS + 2 * w)
+    rec[_KIND] = _code(_kind(n))
+    dim = _dim_name(n, ctx)
+    rec[_DIM] = DIMS.index(dim) if dim in DIMS else _code(dim)
+    rec[_ROLE] = _code(str(n.meta.get("cpfx_role", "")))
+    x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    if isinstance(x, torch.Tensor):
+        rec[_DTYPE] = _code(str(x.dtype))
+        rec[_NDIM] = x.dim()
+        for i, s in enumerate(tuple(x.shape)[:MAX_DIMS]):
+            rec[_SHAPE + i] = int(s)
+    if "ring_send_recv" in str(n.target):
+        rec[_SEND], rec[_RECV] = int(n.args[1]), int(n.args[2])
+    elif "all_to_all" in _kind(n):
+        out_splits, in_splits = list(n.args[1] or ()), list(n.args[2] or ())
+        for i, s in enumerate(in_splits[:w]):
+            rec[_SPLITS + i] = int(s)
+        for i, s in enumerate(out_splits[:w]):
+            rec[_SPLITS + w + i] = int(s)
+    return rec
+
+
+def members(dim: int, rank: int, world: int, ulysses: int, ring: int) -> list[int] | None:
+    """Global ranks of `rank`'s group along mesh dim code `dim` (None: not a mesh dim)."""
+    if dim == 0:
+        return list(range(world))
+    if dim == 1:
+        return [(rank // ulysses) * ulysses + u for u in range(ulysses)]
+    if dim == 2:
+        return [r * ulysses + rank % ulysses for r in range(ring)]
     return None
+
+
+class _Names:
+    """Decodes kind/role/dtype/dim codes back to text for messages (codes of this rank's own
+    collectives and common names are known)."""
+
+    def __init__(self, gm: fx.GraphModule | None = None) -> None:
+        names = {"all_to_all_single", "all_gather_into_tensor", "cpfx.ring_send_recv"}
+        names |= {"q", "k", "v", "o", "kv", "gather", ""}
+        names |= {str(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8)}
+        if gm is not None:
+            names |= {_kind(n) for n in collective_nodes(gm)}
+            names |= {str(n.meta.get("cpfx_role", "")) for n in collective_nodes(gm)}
+        self.table = {_code(s): s for s in names}
+
+    def __call__(self, code: int) -> str:
+        return self.table.get(int(code), f"<{int(code) & 0xFFFFFFFF:08x}>")
+
+
+def describe(rec: list[int], names: Any) -> str:
+    dim = rec[_DIM]
+    d = DIMS[dim] if 0 <= dim < len(DIMS) else names(dim)
+    return f"{names(rec[_KIND])}[{d}]({names(rec[_ROLE])})"
+
+
+def _shape(rec: list[int]) -> list[int] | None:
+    nd = rec[_NDIM]
+    return None if nd < 0 else [rec[_SHAPE + i] for i in range(min(nd, MAX_DIMS))]
+
+
+def _splits(rec: list[int], world: int, g: int) -> tuple[list[int], list[int]]:
+    ins = [s for s in rec[_SPLITS : _SPLITS + world] if s >= 0]
+    outs = [s for s in rec[_SPLITS + world : _SPLITS + 2 * world] if s >= 0]
+    shape = _shape(rec)
+    rows = shape[0] if shape else 0
+    return ins or [rows // g] * g, outs or [rows // g] * g
+
+
+def find_mismatch(
+    recs: list[list[list[int]]], world: int, ulysses: int, ring: int, names: Any = None
+) -> str | None:
+    """The first inconsistency between ranks' collective records (`recs[rank][i]`), or None.
+    Pure function: every rank evaluates it on the same gathered records."""
+    names = names or _Names()
+    counts = [len(r) for r in recs]
+    for i in range(max(counts)):
+        here = [r[i] if i < len(r) else None for r in recs]
+        ref = here[0]
+        for b, rec in enumerate(here[1:], start=1):
+            if rec is None or ref is None or rec[:_NDIM] != ref[:_NDIM]:
+                a_txt = describe(ref, names) if ref is not None else "<end>"
+                b_txt = describe(rec, names) if rec is not None else "<end>"
+                return (
+                    f"collective #{i}: rank 0 issues {a_txt}, rank {b} issues {b_txt} "
+                    f"(rank 0 has {counts[0]} collectives, rank {b} has {counts[b]})"
+                )
+        msg = _sizes_mismatch(i, here, world, ulysses, ring, names)
+        if msg:
+            return msg
+    return None
+
+
+def _sizes_mismatch(
+    i: int, here: list[Any], world: int, ulysses: int, ring: int, names: Any
+) -> str | None:
+    what = f"collective #{i} ({describe(here[0], names)})"
+    kind = names(here[0][_KIND])
+    for a, ra in enumerate(here):
+        sa = _shape(ra)
+        if sa is None:
+            continue
+        if "ring_send_recv" in kind:
+            b = ra[_SEND]
+            if not 0 <= b < world or b == a:
+                continue
+            sb = _shape(here[b])
+            if sb is not None and sb != sa:
+                return (
+                    f"{what}: rank {a} sends a block of shape {sa} to rank {b}, whose own block "
+                    f"(and receive buffer) has shape {sb}"
+                )
+            if here[b][_RECV] != a:
+                return f"{what}: rank {a} sends to rank {b}, which receives from {here[b][_RECV]}"
+            continue
+        group = members(ra[_DIM], a, world, ulysses, ring)
+        if group is None:
+            continue
+        for b in group:
+            sb = _shape(here[b])
+            if sb is None or b == a:
+                continue
+            if "all_gather" in kind and sa != sb:
+                return f"{what}: rank {a} contributes shape {sa}, rank {b} shape {sb}"
+            if "all_to_all" in kind:
+                ins_a, _ = _splits(ra, world, len(group))
+                _, outs_b = _splits(here[b], world, len(group))
+                ia, ib = group.index(a), group.index(b)
+                if sa[1:] != sb[1:] or ins_a[ib] != outs_b[ia]:
+                    return (
+                        f"{what}: rank {a} sends {ins_a[ib]} rows of {sa[1:]} to rank {b}, which "
+                        f"expects {outs_b[ia]} rows of {sb[1:]} (rank {a} input {sa}, rank {b} "
+                        f"input {sb})"
+                    )
+    return None
+
+
+class _CompileState(threading.local):
+    exchanged = True
+    """Whether this thread's current compile reached the exchange (False when a compile starts)."""
+
+
+_state = _CompileState()
+
+
+def begin_compile() -> None:
+    """A compile starts in this thread (the runtime calls this before handing a graph over)."""
+    _state.exchanged = False
+
+
+def announce_failure(check_group: Any, world: int, timeout_s: float, graph_id: int) -> None:
+    """This rank failed to compile a graph before the exchange: take part in the exchange's first
+    step with a failure marker, so the other ranks raise at once instead of waiting timeout_s."""
+    from cpfx.rankcheck import all_gather
+
+    if _state.exchanged or check_group is None:
+        return
+    _state.exchanged = True
+    what = f"check_collectives (graph {graph_id}): announcing a failed compile"
+    all_gather(torch.tensor([-1]), check_group, world, timeout_s, what, "compile-failed")
+
+
+def exchange_records(recs: list[list[int]], ctx: PassContext, width: int) -> list[list[list[int]]]:
+    """Every rank's records, gathered as two int64 tensors (counts, then padded records)."""
+    from cpfx.rankcheck import all_gather
+
+    tag = f"check_collectives/{ctx.graph_id}"
+    what = f"check_collectives (graph {ctx.graph_id}): exchanging collective schedules"
+    timeout = ctx.config.timeout_s
+    _state.exchanged = True
+    counts = all_gather(torch.tensor([len(recs)]), ctx.check_group, ctx.world, timeout, what, tag)
+    failed = [r for r in range(ctx.world) if int(counts[r, 0]) < 0]
+    if failed:
+        raise RankDivergenceError(
+            f"check_collectives: rank(s) {failed} failed to compile graph {ctx.graph_id} (the "
+            "error is raised there); this rank stops too instead of waiting for them."
+        )
+    longest = int(counts.max())
+    if longest == 0:
+        return [[] for _ in range(ctx.world)]
+    mine = torch.full((longest, width), -1, dtype=torch.int64)
+    if recs:
+        mine[: len(recs)] = torch.tensor(recs, dtype=torch.int64)
+    rows = all_gather(mine.reshape(-1), ctx.check_group, ctx.world, timeout, what, tag + "/r")
+    rows = rows.reshape(ctx.world, longest, width).tolist()
+    return [rows[r][: int(counts[r, 0])] for r in range(ctx.world)]
 
 
 def check_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -93,23 +296,15 @@ def check_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModu
     counters[PASS]["collectives"] += len(seq)
     if ctx.check_group is None or ctx.world == 1:
         return gm
-    seqs: list[list[str] | None] = [None] * ctx.world
-    try:
-        dist.all_gather_object(seqs, seq, group=ctx.check_group)
-    except RuntimeError as e:  # a peer died or stalled past the group's timeout
-        raise RankDivergenceError(
-            f"check_collectives: exchanging collective fingerprints failed within "
-            f"{ctx.config.timeout_s:.0f}s (a rank died, stalled, or compiled a different graph): {e}"
-        ) from e
-    diff = compare(seqs)
+    recs = [record(n, ctx) for n in collective_nodes(gm)]
+    width = _SPLITS + 2 * ctx.world
+    everyone = exchange_records(recs, ctx, width)
+    diff = find_mismatch(everyone, ctx.world, ctx.ulysses, ctx.ring, _Names(gm))
     if diff:
         raise RankDivergenceError(
-            f"check_collectives: ranks would issue different collectives in graph {ctx.graph_id}; "
-            f"{diff}. Every rank must call the model with the same inputs and config."
+            f"check_collectives: ranks would issue mismatched collectives in graph "
+            f"{ctx.graph_id}; {diff}. Every rank must call the model with the same inputs "
+            "(shapes included) and the same config."
         )
     counters[PASS]["checked"] += 1
     return gm
-
-
-def make_check_group(ranks: list[int], timeout_s: float) -> dist.ProcessGroup:
-    return dist.new_group(ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

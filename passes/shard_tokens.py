@@ -280,9 +280,16 @@ def shard_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     plan = propagate(gm.graph, seeds, mesh.cp_rank, mesh.world, _overrides(ctx))
     gm.meta["cpfx_shard_plan"] = plan
     gm.meta["cpfx_attention"] = len(sdpas)
+    whole = []
     for n in sdpas:
-        if plan.nodes[n].decision is None:
+        dec = plan.nodes[n].decision
+        if dec is None:
             counters[PASS]["attention_replicated"] += 1
+            whole.append(f"{where(n)}: no operand carries the sharded sequence")
+        elif not dec.rule.startswith("attention"):
+            whole.append(f"{where(n)}: its operands are gathered ({dec.rule})")
+    gm.meta["cpfx_attention_parallel"] = len(sdpas) - len(whole)
+    gm.meta["cpfx_attention_whole"] = whole
     _Applier(gm, plan, ctx).run()
     gm.graph.eliminate_dead_code()
     gm.recompile()

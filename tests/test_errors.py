@@ -56,7 +56,10 @@ class NoAttention(torch.nn.Module):
 def test_model_without_attention():
     with fake_world(2):
         m = cpfx.parallelize(NoAttention(), config=cpfx.ParallelConfig(check_collectives=False))
-        with pytest.raises(cpfx.ConfigError, match="no scaled_dot_product_attention"):
+        with (
+            pytest.raises(cpfx.ConfigError, match="no scaled_dot_product_attention"),
+            torch.no_grad(),
+        ):
             m(torch.randn(1, 16, 8))
 
 

@@ -1,0 +1,906 @@
+"""What happens at each call of a parallelized model: the checks that keep it from going silently
+wrong or silently unparallelized.
+
+Per call, in order (all of it under one lock per set of ranks, so two threads never interleave
+their collectives):
+
+1. a group that failed in an earlier call is reported again (`CommunicationError`);
+2. grad mode with parameters or inputs that require grad is refused (`CpfxError`) until
+   training is exact;
+3. the cross-rank input check (`check_inputs`): one all-gather of a fixed-size int64 header
+   (model, call number, input shapes/dtypes/values, and on the first call of a signature a hash
+   of the input bytes) over cpfx's gloo group; any difference raises `RankDivergenceError` on every
+   rank before the model's first collective;
+4. the compiled call, with Dynamo's recompile limit turned into `RecompileLimitError`, collective
+   failures into `CommunicationError` (chained), everything else re-raised unchanged;
+5. on the first call of each input signature (and after a recompile), a `TorchDispatchMode`
+   counts the attention kernels that run outside cpfx's graphs (a thread-local flag is set while
+   a cpfx graph runs): `CpfxWarning`, or an error with `strict=True`. Later calls skip it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import linecache
+import logging
+import re
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path
+
+from cpfx import rankcheck
+from cpfx.config import ParallelConfig
+from cpfx.errors import (
+    CommunicationError,
+    ConfigError,
+    CpfxError,
+    CpfxWarning,
+    RankDivergenceError,
+    RecompileLimitError,
+    UnsupportedPatternError,
+)
+from cpfx.scalars import tensorify_float_inputs
+
+log = logging.getLogger(__name__)
+
+SLOTS = 16
+"""Inputs with their own slot in the per-call header (later ones share the last slot)."""
+SMALL = 4096
+"""Tensor inputs of at most this many elements (timesteps, guidance, pooled embeddings) are
+hashed on every call: a rank that skipped or repeated a call differs in them."""
+_HEADER = 8 + 2 * SLOTS
+_MAGIC = 0xCF0016
+_MAX_DIMS = 8
+_ATTENTION_OPS = frozenset(
+    {
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_safe_softmax",  # only SDPA's math path uses it (the other paths are fused kernels)
+    }
+)
+
+
+class _ThreadState(threading.local):
+    depth = 0
+    """> 0 while a cpfx graph runs in this thread."""
+    observer: Any = None
+
+
+_tls = _ThreadState()
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """One graph Dynamo handed to cpfx (one per compiled frame variant)."""
+
+    id: int
+    gm: fx.GraphModule | None
+    captured_attention: int
+    """`scaled_dot_product_attention` calls in the captured graph."""
+    parallel_attention: int
+    """Of those, rewritten into context-parallel attention."""
+    whole_attention: list[str] = dataclasses.field(default_factory=list)
+    """Of those, the ones cpfx left on the whole sequence on every rank (where, and why)."""
+    reason: str | None = None
+    """Dynamo's guard failure that made this a recompile (None for a frame's first graph)."""
+    call: int = 0
+    """The model call that compiled it."""
+    runs: int = 0
+
+    @property
+    def collectives(self) -> list[str]:
+        return list(self.gm.meta.get("cpfx_collectives", ())) if self.gm is not None else []
+
+    @property
+    def sent_bytes(self) -> int:
+        if self.gm is None:
+            return 0
+        return sum(b for _, _, b in self.gm.meta.get("cpfx_sent_bytes", ()))
+
+
+@dataclasses.dataclass
+class AttentionReport:
+    """What the observed (first) call of one input signature ran."""
+
+    signature: str
+    call: int = 0
+    """The model call that was observed."""
+    parallel: int = 0
+    """Attentions that ran context-parallel (in cpfx graphs)."""
+    outside: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Attention kernels that ran outside cpfx's graphs, by module path."""
+    whole: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Attentions inside cpfx's graphs that ran on the whole sequence on every rank."""
+    graphs_run: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def outside_total(self) -> int:
+        return sum(self.outside.values())
+
+
+class _AttentionObserver(TorchDispatchMode):
+    """Counts attention kernels outside cpfx's graphs. Ignores compile internals, so Dynamo
+    compiles and runs its cached code exactly as without it (checked: no recompile)."""
+
+    def __init__(self, paths: dict[int, str], report: AttentionReport) -> None:
+        super().__init__()
+        self.paths = paths
+        self.report = report
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if _tls.depth == 0 and func._overloadpacket.__name__ in _ATTENTION_OPS:
+            where = _module_path(self.paths)
+            self.report.outside[where] = self.report.outside.get(where, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def ran(self, rec: GraphRecord) -> None:
+        self.report.parallel += rec.parallel_attention
+        for w in rec.whole_attention:
+            self.report.whole[w] = self.report.whole.get(w, 0) + 1
+        self.report.graphs_run.append(rec.id)
+
+
+def _module_path(paths: dict[int, str]) -> str:
+    """The innermost module of the model on the Python stack (`self`, or diffusers' `attn`)."""
+    f = sys._getframe(2)
+    while f is not None:
+        loc = f.f_locals
+        for name in ("attn", "self", "module"):
+            obj = loc.get(name)
+            if obj is not None and id(obj) in paths:
+                return paths[id(obj)] or "<root>"
+        f = f.f_back
+    return "<outside the model's modules>"
+
+
+class Runtime:
+    """Per-model state of a parallelized model (`model._cpfx`); `cpfx.diagnose` reads it."""
+
+    def __init__(
+        self, model: torch.nn.Module, be: Callable[..., Any], config: ParallelConfig, ordinal: int
+    ) -> None:
+        self.model_name = type(model).__name__
+        self.model_ref = model
+        self.be = be
+        self.info = be.mesh_info  # type: ignore[attr-defined]
+        self.config = config
+        self.ordinal = ordinal
+        self.ranks = tuple(range(self.info.world))
+        self.lock = rankcheck.call_lock(self.ranks)
+        self.graphs: list[GraphRecord] = []
+        self.pending_reasons: list[str] = []
+        self.recompile_reasons: list[str] = []
+        self.seen: set[Any] = set()
+        self.reports: collections.deque[AttentionReport] = collections.deque(maxlen=32)
+        """The observed calls (first of each input signature, and the one after a recompile)."""
+        self.calls = 0
+        self.seq = 0
+        self.failed_calls = 0
+        self.compiled: Callable[..., Any] | None = None
+        """The Dynamo-compiled call (without these checks), for benchmarks."""
+        self.patch_limit = False
+        """Older torch without a per-compile recompile_limit: set Dynamo's global one per call."""
+        self._paths: dict[int, str] | None = None
+        self._sig_hashes: dict[Any, int] = {}
+        self._name_hash = rankcheck.text_hash(self.model_name)
+
+    # --- compatibility with the dict this used to be --------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return {
+            "graphs": [g.gm for g in self.graphs],
+            "config": self.config,
+            "mesh_info": self.info,
+        }[key]
+
+    # --- compile side --------------------------------------------------------------------
+    def guard_fail(self, failure: Any) -> None:
+        """Dynamo's guard_fail_fn: called (only when recompiling) with each failed guard."""
+        reason = _short_reason(str(getattr(failure, "reason", failure)))
+        code = getattr(failure, "orig_code", None)
+        if code is not None:
+            where = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+            reason = f"in {where}: {reason}"
+        self.pending_reasons.append(reason)
+
+    def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        reason = self.pending_reasons[0] if self.pending_reasons else None
+        self.pending_reasons.clear()
+        tensorify_float_inputs(gm)
+        captured = sum(1 for n in gm.graph.nodes if _is_sdpa(n))
+        fn = self._compile(gm, example_inputs)
+        out_gm = self.be.graphs[-1] if self.be.graphs else gm  # type: ignore[attr-defined]
+        parallel = int(out_gm.meta.get("cpfx_attention_parallel", 0))
+        whole = list(out_gm.meta.get("cpfx_attention_whole", ()))
+        rec = GraphRecord(len(self.graphs), out_gm, captured, parallel, whole, reason, self.calls)
+        self.graphs.append(rec)
+        if reason:
+            self.recompile_reasons.append(reason)
+            log.info("cpfx: %s graph %d is a recompile: %s", self.model_name, rec.id, reason)
+        return self._wrap_graph(fn, rec)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """Run cpfx's backend; a rank that fails before the collective-schedule exchange tells
+        the others (which wait in it), so every rank raises at once."""
+        from cpfx.passes import check_collectives as cc
+
+        cc.begin_compile()
+        try:
+            return self.be(gm, example_inputs)
+        except BaseException:
+            if self.config.check_collectives and self.info.check_group is not None:
+                try:
+                    cc.announce_failure(
+                        self.info.check_group,
+                        self.info.world,
+                        self.config.timeout_s,
+                        len(self.be.graphs),  # type: ignore[attr-defined]
+                    )
+                except CpfxError as e:
+                    log.warning("cpfx: could not tell the other ranks about the failure: %s", e)
+            raise
+
+    def _wrap_graph(self, fn: Callable[..., Any], rec: GraphRecord) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            _tls.depth += 1
+            rec.runs += 1
+            obs = _tls.observer
+            if obs is not None:
+                obs.ran(rec)
+            try:
+                return fn(*args)
+            except CpfxError:
+                raise
+            except Exception as e:  # noqa: BLE001 - collective failures become CommunicationError
+                comm = self._graph_comm_error(e, rec)
+                if comm is None:
+                    raise
+                raise comm from e
+            finally:
+                _tls.depth -= 1
+
+        if getattr(fn, "_boxed_call", False):
+            run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+    def _graph_comm_error(self, e: BaseException, rec: GraphRecord) -> CommunicationError | None:
+        node = _failing_node(e)
+        is_comm = isinstance(e, dist.DistError) or (node is not None and _is_comm_node(node))
+        if not is_comm:
+            return None
+        what = f"a collective in graph {rec.id} of {self.model_name} (call {self.calls})"
+        where = ""
+        if node is not None:
+            start = _collective_of(node)
+            where = f"collective: {_describe_node(start)}"
+        return rankcheck.communication_error(
+            e, what, f"{self.ordinal}/{self.seq}/graph", self.ranks, 0.0, None, where
+        )
+
+    # --- call side -----------------------------------------------------------------------
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self.lock:
+            dead = rankcheck.dead_reason(self.ranks)
+            if dead is not None:
+                raise CommunicationError(
+                    f"cpfx: rank {self.info.cp_rank}: {self.model_name} cannot run: the process "
+                    f"group failed earlier ({dead}). Collectives on a failed group do not recover: "
+                    "destroy and re-create the process group (dist.destroy_process_group(); "
+                    "dist.init_process_group(...)), then cpfx.parallelize the model again."
+                )
+            leaves, spec = tree_flatten((args, kwargs))
+            grad_problem = self._grad_problem(leaves)
+            sig = _signature(spec, leaves)
+            first = sig not in self.seen
+            self.calls += 1
+            self.seq += 1
+            if self.info.check_group is not None and self.config.check_inputs != "never":
+                digest = first or self.config.check_inputs == "always"
+                self._cross_check(args, kwargs, leaves, sig, digest, first, grad_problem)
+            elif grad_problem:
+                raise CpfxError(grad_problem)
+            n_graphs = len(self.graphs)
+            try:
+                out, report = self._run(fn, args, kwargs, sig if first else None)
+            except BaseException:
+                self.failed_calls += 1
+                raise
+            if report is not None:
+                self._judge(report)
+            if first:
+                self.seen.add(sig)
+            elif len(self.graphs) > n_graphs:
+                self.seen.discard(sig)  # a recompile: observe the next call of this signature
+            return out
+
+    def _run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], sig: Any
+    ) -> tuple[Any, AttentionReport | None]:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        from cpfx.p2p import finish_sends
+
+        report = AttentionReport(_sig_text(sig), self.calls) if sig is not None else None
+        try:
+            with _recompile_limit_is_an_error(
+                self.config.max_recompiles if self.patch_limit else None
+            ):
+                if report is None:
+                    out = fn(*args, **kwargs)
+                else:
+                    obs = _AttentionObserver(self._module_paths(), report)
+                    _tls.observer = obs
+                    try:
+                        with obs:
+                            out = fn(*args, **kwargs)
+                    finally:
+                        _tls.observer = None
+            finish_sends()  # no send of the last ring step is left un-waited after the call
+            return out, report
+        except BackendCompilerFailed as e:
+            _drop_sends()
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, CommunicationError):
+                rankcheck.mark_dead(self.ranks, str(inner))
+            if isinstance(inner, CpfxError):
+                raise inner.with_traceback(None) from None
+            raise
+        except CommunicationError as e:
+            _drop_sends()
+            rankcheck.mark_dead(self.ranks, str(e))
+            raise
+        except Exception as e:  # noqa: BLE001 - context is added, the exception is not replaced
+            _drop_sends()
+            if _is_recompile_limit(e):
+                raise self._recompile_error() from e
+            if isinstance(e, dist.DistError):
+                comm = rankcheck.communication_error(
+                    e,
+                    f"a collective of {self.model_name}",
+                    f"{self.ordinal}/{self.seq}/call",
+                    self.ranks,
+                    0.0,
+                    None,
+                )
+                rankcheck.mark_dead(self.ranks, str(comm))
+                raise comm from e
+            _add_note(
+                e,
+                f"cpfx: raised on rank {self.info.cp_rank} during call {self.calls} of "
+                f"parallelized {self.model_name}",
+            )
+            raise
+
+    def _module_paths(self) -> dict[int, str]:
+        if self._paths is None:
+            self._paths = {id(m): name for name, m in self.model_ref.named_modules()}
+        return self._paths
+
+    def _judge(self, report: AttentionReport) -> None:
+        self.reports.append(report)
+        if self.info.world > 1 and report.parallel == 0:
+            if report.whole:
+                raise UnsupportedPatternError(
+                    f"cpfx: none of the attention calls of {self.model_name} could be "
+                    "parallelized; every rank would compute the whole model: "
+                    + "; ".join(report.whole)
+                    + ". `cpfx.explain(model, ..., verbose=True)` shows the plan."
+                )
+            where = _where_text(report.outside)
+            outside = (
+                f" {report.outside_total} ran outside cpfx's compiled graphs ({where}), where "
+                "cpfx cannot parallelize them (torch.compiler.disable regions, graph breaks, "
+                "gradient checkpointing, custom attention processors)."
+                if report.outside
+                else " cpfx needs attention computed with "
+                "torch.nn.functional.scaled_dot_product_attention (diffusers' default)."
+            )
+            raise ConfigError(
+                f"cpfx: found no scaled_dot_product_attention over a sequence inside the compiled "
+                f"graphs of {self.model_name}; there is nothing to parallelize.{outside}"
+            )
+        if report.whole:
+            warnings.warn(
+                f"cpfx: {sum(report.whole.values())} attention call(s) of {self.model_name} ran on "
+                "the whole sequence on every rank (not parallelized, exact): "
+                + "; ".join(f"{w} (x{c})" for w, c in report.whole.items())
+                + f"; {report.parallel} ran context-parallel. `cpfx.explain(..., verbose=True)` "
+                "shows the plan.",
+                CpfxWarning,
+                stacklevel=4,
+            )
+        if not report.outside:
+            return
+        msg = (
+            f"cpfx: {report.outside_total} attention call(s) of {self.model_name} ran outside "
+            f"cpfx's compiled graphs and were NOT parallelized (every rank computed them in full): "
+            f"{_where_text(report.outside)}; {report.parallel} ran context-parallel. Causes: "
+            "torch.compiler.disable regions, graph breaks into eager code, gradient "
+            "checkpointing, custom attention processors. "
+        )
+        if self.config.strict:
+            raise UnsupportedPatternError(msg + "Raised because ParallelConfig(strict=True).")
+        warnings.warn(
+            msg + "ParallelConfig(strict=True) makes this an error.", CpfxWarning, stacklevel=4
+        )
+
+    def _grad_problem(self, leaves: list[Any]) -> str | None:
+        """Why this call must be refused for grad mode (None: fine). Costs one flag read when
+        gradients are disabled, as in diffusers pipelines."""
+        if not torch.is_grad_enabled():
+            return None
+        needs = sum(1 for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad)
+        params = [n for n, p in self.model_ref.named_parameters() if p.requires_grad]
+        if not needs and not params:
+            return None
+        what = f"parameter {params[0]!r}" if params else "an input tensor"
+        return (
+            f"cpfx: {self.model_name} was called with gradients enabled and {what} "
+            f"({len(params)} parameter(s), {needs} input(s)) requiring grad on rank "
+            f"{self.info.cp_rank}; cpfx does not compute exact gradients yet (the backward would "
+            "be silently wrong). Call it under torch.no_grad() or torch.inference_mode() "
+            "(diffusers pipelines do), or freeze it with model.requires_grad_(False)."
+        )
+
+    def _recompile_error(self) -> RecompileLimitError:
+        reason = self.pending_reasons[0] if self.pending_reasons else "(Dynamo gave no reason)"
+        self.pending_reasons.clear()
+        hint = _recompile_hint(reason)
+        return RecompileLimitError(
+            f"cpfx: {self.model_name} needs more than max_recompiles={self.config.max_recompiles} "
+            f"compiled variants (Dynamo's recompile limit for this model); Dynamo would now run it "
+            f"eagerly, without context parallelism, on every rank. What changed since the last "
+            f"compiled variant: {reason}. {hint} If the variants are intended, raise "
+            f"ParallelConfig(max_recompiles=...)."
+        )
+
+    # --- cross-rank input check --------------------------------------------------------
+    def _cross_check(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        leaves: list[Any],
+        sig: Any,
+        digest: bool,
+        first: bool,
+        grad_problem: str | None,
+    ) -> None:
+        info = self.info
+        sig_hash = self._sig_hashes.get(sig)
+        if sig_hash is None:
+            if len(self._sig_hashes) > 256:
+                self._sig_hashes.clear()
+            sig_hash = self._sig_hashes[sig] = rankcheck.text_hash(repr(sig[1:]))
+        flags = int(digest) | (int(first) << 1)
+        grad = int(grad_problem is not None)
+        fields = [
+            _MAGIC,
+            self.ordinal,
+            self.seq,
+            sig_hash,
+            flags,
+            len(leaves),
+            self._name_hash,
+            grad,
+        ]
+        tensors = [
+            x if isinstance(x, torch.Tensor) and (digest or x.numel() <= SMALL) else None
+            for x in leaves
+        ]
+        digests = rankcheck.digest_rows(tensors, SLOTS, SMALL).reshape(-1)
+        head = torch.cat([torch.tensor(fields, dtype=torch.int64), digests])
+        what = f"the input check of call {self.calls} of {self.model_name}"
+        tag = f"{self.ordinal}/{self.seq}/inputs"
+        t0 = time.perf_counter()
+        try:
+            rows = rankcheck.all_gather(
+                head, info.check_group, info.world, self.config.timeout_s, what, tag
+            )
+        except CommunicationError as e:
+            rankcheck.mark_dead(self.ranks, str(e))
+            raise
+        log.debug("cpfx input check: %.2f ms", (time.perf_counter() - t0) * 1e3)
+        if grad_problem:
+            raise CpfxError(grad_problem)
+        if bool(rows[:, 7].any()):
+            others = [r for r in range(info.world) if rows[r, 7]]
+            raise CpfxError(
+                f"cpfx: rank(s) {others} called {self.model_name} with gradients enabled and "
+                "parameters or inputs requiring grad, which cpfx refuses (no exact gradients yet); "
+                "every rank raises. Call it under torch.no_grad() / torch.inference_mode(), or "
+                "model.requires_grad_(False)."
+            )
+        if bool((rows == rows[0]).all()):
+            return  # the common case: every rank sent the same header
+        msg = self._compare_headers(rows, leaves, args, kwargs)
+        if msg:
+            self.seq = int(rows[:, 2].max())  # realign the call numbers for later calls
+            raise RankDivergenceError(msg)
+
+    def _compare_headers(
+        self, rows: torch.Tensor, leaves: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str | None:
+        world = rows.shape[0]
+        me = self.info.cp_rank
+        ref = rows[0]
+        bad = lambda col: [r for r in range(world) if rows[r, col] != ref[col]]  # noqa: E731
+        if bad(1) or bad(6) or bad(0):
+            per = ", ".join(f"rank {r}: model #{int(rows[r, 1])}" for r in range(world))
+            return (
+                f"cpfx: the ranks are calling different parallelized models ({per}; this rank "
+                f"{me} calls #{self.ordinal}, {self.model_name}). Every rank must call the same "
+                "models in the same order."
+            )
+        if bad(2):
+            per = ", ".join(f"rank {r}: call {int(rows[r, 2])}" for r in range(world))
+            return (
+                f"cpfx: ranks {bad(2)} are at a different call of {self.model_name} than rank 0 "
+                f"({per}): a rank skipped or repeated a call. Every rank must make the same calls "
+                "in the same order (each call's collectives pair up across ranks)."
+            )
+        if bad(3) or bad(5):
+            return self._shape_mismatch(rows, leaves, args, kwargs)
+        if bad(4):
+            per = ", ".join(
+                f"rank {r}: {'first' if int(rows[r, 4]) & 2 else 'repeat'}" for r in range(world)
+            )
+            return (
+                f"cpfx: ranks disagree whether call {self.calls} of {self.model_name} is the first "
+                f"of its input signature ({per}): their earlier calls or compiled variants "
+                "differ (e.g. a module attribute or adapter set changed on some ranks only)."
+            )
+        # Small inputs are hashed on every call, all of them when bit 0 is set.
+        digests = rows[:, 8:].reshape(world, SLOTS, 2)
+        differs = (digests != digests[0]).any(dim=2)  # [world, SLOTS]
+        if bool(differs.any()):
+            names = _leaf_names(args, kwargs)
+            slots = [s for s in range(SLOTS) if bool(differs[:, s].any()) and s < len(names)]
+            which = [names[s] + (" (or a later input)" if s == SLOTS - 1 else "") for s in slots]
+            ranks = [r for r in range(world) if bool(differs[r].any())]
+            return (
+                f"cpfx: ranks {ranks} received different inputs than rank 0 in call "
+                f"{self.calls} of {self.model_name}: the bytes of {', '.join(which)} differ "
+                "(same shapes). Every rank must call the model with the same full inputs "
+                "(same seed, same prompt; a generator seeded with the rank is the usual cause), "
+                "in the same order (a rank that skipped or repeated a call shows up here too)."
+            )
+        return None
+
+    def _shape_mismatch(
+        self, rows: torch.Tensor, leaves: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str:
+        """Second exchange, only after a mismatch: every rank's input shapes, to name them."""
+        info = self.info
+        width = 3 + _MAX_DIMS
+        table = torch.full((SLOTS, width), -1, dtype=torch.int64)
+        for i, x in enumerate(leaves[:SLOTS]):
+            if isinstance(x, torch.Tensor):
+                table[i, 0], table[i, 1], table[i, 2] = (
+                    1,
+                    rankcheck.text_hash(str(x.dtype)),
+                    x.dim(),
+                )
+                for d, s in enumerate(tuple(x.shape)[:_MAX_DIMS]):
+                    table[i, 3 + d] = int(s)
+            else:
+                table[i, 0], table[i, 1] = 2, rankcheck.text_hash(_value_text(x))
+        everyone = rankcheck.all_gather(
+            table.reshape(-1),
+            info.check_group,
+            info.world,
+            self.config.timeout_s,
+            f"the input check of call {self.calls}",
+            f"{self.ordinal}/{self.seq}/shapes",
+        ).reshape(info.world, SLOTS, width)
+        names = _leaf_names(args, kwargs)
+        counts = [int(rows[r, 5]) for r in range(info.world)]
+        lines = []
+        for s in range(SLOTS):
+            col = everyone[:, s]
+            if bool((col == col[0]).all()):
+                continue
+            name = names[s] if s < len(names) else f"input #{s}"
+            per = "; ".join(f"rank {r}: {_slot_text(col[r])}" for r in range(info.world))
+            lines.append(f"{name}: {per}")
+        if not lines:
+            lines.append(
+                "number of inputs: " + ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+            )
+        diff_ranks = sorted(
+            {
+                r
+                for r in range(info.world)
+                for s in range(SLOTS)
+                if bool((everyone[r, s] != everyone[0, s]).any())
+            }
+            or {r for r in range(info.world) if counts[r] != counts[0]}
+        )
+        return (
+            f"cpfx: ranks {diff_ranks} received different inputs than rank 0 in call {self.calls} "
+            f"of {self.model_name} (shapes/dtypes/values differ): " + " | ".join(lines) + ". "
+            "Every rank must call the model with the same full inputs; running on would mix "
+            "different sequences in the collectives."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_sdpa(n: fx.Node) -> bool:
+    return n.op == "call_function" and "scaled_dot_product_attention" in str(
+        getattr(n.target, "__name__", n.target)
+    )
+
+
+def _signature(spec: Any, leaves: list[Any]) -> tuple[Any, ...]:
+    """Hashable description of a call's inputs: structure, tensor shapes/dtypes, plain values.
+    The device type (not its index: ranks use different GPUs) is part of it."""
+    items = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            items.append((tuple(x.shape), str(x.dtype), x.device.type))
+        else:
+            items.append(_value_text(x))
+    return (spec, str(spec), tuple(items))
+
+
+def _value_text(x: Any) -> str:
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return f"{type(x).__name__}:{x!r}"
+    return type(x).__name__
+
+
+def _sig_text(sig: Any) -> str:
+    if sig is None:
+        return ""
+    parts = []
+    for it in sig[2]:
+        parts.append(
+            f"{list(it[0])}:{it[1].replace('torch.', '')}" if isinstance(it, tuple) else it
+        )
+    return ", ".join(parts)
+
+
+def _slot_text(row: torch.Tensor) -> str:
+    kind = int(row[0])
+    if kind == 1:
+        nd = int(row[2])
+        return f"shape {[int(s) for s in row[3 : 3 + min(nd, _MAX_DIMS)]]}"
+    if kind == 2:
+        return f"value #{int(row[1]) & 0xFFFF:04x}"
+    return "absent"
+
+
+def _leaf_names(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    from torch.utils._pytree import keystr
+
+    flat, _ = tree_flatten_with_path((args, kwargs))
+    out = []
+    for path, _ in flat:
+        s = keystr(path)
+        m = re.match(r"\[1\]\['([^']+)'\](.*)", s)
+        if m:
+            out.append(m.group(1) + m.group(2))
+        else:
+            m = re.match(r"\[0\]\[(\d+)\](.*)", s)
+            out.append(f"args[{m.group(1)}]{m.group(2)}" if m else s)
+    return out
+
+
+def _where_text(outside: dict[str, int]) -> str:
+    return ", ".join(f"{k} (x{v})" for k, v in sorted(outside.items(), key=lambda kv: -kv[1]))
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    if hasattr(e, "add_note") and note not in getattr(e, "__notes__", ()):
+        e.add_note(note)
+
+
+def _drop_sends() -> None:
+    """After a failed call: wait what can be waited, never mask the original error."""
+    from cpfx.p2p import _pending_sends
+
+    works = _pending_sends.works
+    while works:
+        try:
+            works.pop().wait()
+        except Exception as e:  # noqa: BLE001 - the call's own error is the one to report
+            log.debug("cpfx: a pending send failed after a failed call: %s", e)
+
+
+def _is_recompile_limit(e: BaseException) -> bool:
+    try:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+    except ImportError:  # older torch: FailOnCacheLimitHit
+        from torch._dynamo.exc import FailOnCacheLimitHit as FailOnRecompileLimitHit  # type: ignore
+    return isinstance(e, FailOnRecompileLimitHit)
+
+
+class _recompile_limit_is_an_error:
+    """Within a call: Dynamo raises at its recompile limit instead of running eagerly (and, on a
+    torch without per-compile limits, uses `limit` as the global one)."""
+
+    def __init__(self, limit: int | None) -> None:
+        cfg = torch._dynamo.config
+        fail = "fail_on_recompile_limit_hit"
+        self.patch = {fail if hasattr(cfg, fail) else "fail_on_cache_limit_hit": True}
+        if limit is not None:
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            self.patch[name] = limit
+
+    def __enter__(self) -> None:
+        cfg = torch._dynamo.config
+        self.old = {k: getattr(cfg, k) for k in self.patch}
+        for k, v in self.patch.items():
+            setattr(cfg, k, v)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.old.items():
+            setattr(torch._dynamo.config, k, v)
+
+
+def _short_reason(reason: str) -> str:
+    """Dynamo's guard failure without its user stack (the first line names the guard and the
+    source line that installed it)."""
+    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    return re.sub(r"^\d+/\d+: ", "", first)
+
+
+def _recompile_hint(reason: str) -> str:
+    if "size mismatch" in reason or "stride mismatch" in reason or "dimensionality" in reason:
+        return (
+            "Input shapes changed: each shape is its own compiled variant (shards are planned "
+            "statically); use a few fixed resolutions/lengths."
+        )
+    if "requires_grad" in reason:
+        return "A parameter's requires_grad changed (e.g. set_adapters); keep it fixed."
+    if "active_adapter" in reason or "_active_adapter" in reason or "len(" in reason:
+        return (
+            "The set of active adapters (or another container) changed: each set is its own "
+            "variant; load all adapters once and switch among a few sets."
+        )
+    if "==" in reason:
+        return (
+            "A Python value the model reads changed (an int/str attribute or argument, or a float "
+            "used where cpfx cannot make it a graph input); keep it fixed or pass it as a tensor."
+        )
+    return ""
+
+
+def _failing_node(e: BaseException) -> fx.Node | None:
+    """The FX node whose generated line raised `e` (innermost cpfx/FX graph frame), if any."""
+    tb = e.__traceback__
+    found = None
+    while tb is not None:
+        f = tb.tb_frame
+        gm = f.f_locals.get("self")
+        if isinstance(gm, fx.GraphModule) and f.f_code.co_filename.startswith("<eval_with_key"):
+            line = linecache.getline(f.f_code.co_filename, tb.tb_lineno)
+            m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
+            if m:
+                found = next((n for n in gm.graph.nodes if n.name == m.group(1)), found)
+        tb = tb.tb_next
+    return found
+
+
+def _is_comm_node(n: fx.Node) -> bool:
+    name = str(n.target)
+    return "_c10d_functional" in name or "ring_send_recv" in name or "c10d" in name
+
+
+def _collective_of(n: fx.Node) -> fx.Node:
+    """The collective a wait node waits for (the node itself otherwise)."""
+    if "wait_tensor" in str(n.target) and n.args and isinstance(n.args[0], fx.Node):
+        return n.args[0]
+    return n
+
+
+def _describe_node(n: fx.Node) -> str:
+    """`all_to_all_single(q), group '0' (ranks [0, 1]), in transformer_blocks.0.attn,
+    transformer_flux.py:123: out = ...`"""
+    kind = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
+    group = next((a for a in n.args if isinstance(a, str)), "")
+    role = n.meta.get("cpfx_role", "")
+    parts = [f"{kind}({role})" if role else kind]
+    if group:
+        parts.append(f"group {group!r}{_group_ranks(group)}")
+    if "ring_send_recv" in kind and len(n.args) >= 3:
+        parts.append(f"send to rank {n.args[1]}, receive from rank {n.args[2]}")
+    module = module_path_of(n)
+    if module:
+        parts.append(f"in {module}")
+    src = source_line_of(n)
+    if src:
+        parts.append(src)
+    return ", ".join(parts)
+
+
+def _group_ranks(name: str) -> str:
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return f" (ranks {dist.get_process_group_ranks(_resolve_process_group(name))})"
+    except Exception:  # noqa: BLE001 - the name alone still helps
+        return ""
+
+
+def module_path_of(n: fx.Node) -> str:
+    """The model submodule a node came from (`transformer_blocks.0.attn`), from Dynamo's
+    nn_module_stack."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    if not isinstance(raw, str):
+        return ""
+    names = []
+    for a, b, c in re.findall(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]", raw):
+        tok = a or b or c
+        if tok not in ("self", "__dict__", "_modules", "L", "_parameters", "_buffers"):
+            names.append(tok)
+    return ".".join(names)
+
+
+def source_line_of(n: fx.Node) -> str:
+    """`file.py:123: code` of the user source line a node came from (its stack trace's last
+    frame)."""
+    lines = (n.meta.get("stack_trace") or "").rstrip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((m.group(1), m.group(2), code))
+    plumbing = ("/torch/", "attention_dispatch", "attention_processor")
+    model = [f for f in frames if not any(p in f[0] for p in plumbing)] or frames
+    if not model:
+        return ""
+    file, line, code = model[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line}: {code}"
+
+
+def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:
+    """Dynamo-compile `call_impl` for `runtime`'s model: every shape and int static, floats as graph
+    inputs where this torch allows it (`shapes_spec`), one recompile region per model with the
+    config's limit, and Dynamo's guard failures reported to the runtime."""
+    from torch._dynamo import eval_frame
+
+    try:
+        params = inspect.signature(eval_frame._optimize).parameters
+    except (AttributeError, ValueError):
+        params = {}
+    kw: dict[str, Any] = {}
+    if "shapes_spec" in params:
+        from torch.fx.experimental.dynamic_spec import ShapesSpec
+
+        kw["shapes_spec"] = ShapesSpec()  # nothing declared dynamic: every shape and int static
+    else:
+        kw["dynamic"] = False
+    if "recompile_limit" in params:
+        kw["recompile_limit"] = runtime.config.max_recompiles
+    else:
+        runtime.patch_limit = True
+    if "isolate_recompiles" in params:
+        kw["isolate_recompiles"] = True
+    if "guard_fail_fn" in params:
+        kw["guard_fail_fn"] = runtime.guard_fail
+    return torch._dynamo.optimize(runtime.backend, **kw)(call_impl)

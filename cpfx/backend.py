@@ -73,9 +73,14 @@ class CpfxBackend:
         ctx = PassContext(config, self.mesh_info, graph_id, fake, fake_mode)
         reference = copy.deepcopy(gm) if config.verify else None
         passes = build_pipeline(config)
+        from torch._dispatch.python import no_python_dispatcher
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        with unset_fake_temporarily():  # AOTAutograd's fake mode: off for the passes' own checks
+        # AOTAutograd compiles with its fake mode and the Python dispatcher on. The passes' own
+        # cross-rank checks are real gloo collectives: with the Python dispatcher on, a collective
+        # is issued holding the GIL while gloo's worker thread, freeing the previous collective's
+        # tensors, waits for the GIL under gloo's queue lock: a deadlock (seen intermittently).
+        with unset_fake_temporarily(), no_python_dispatcher():
             gm = run_passes(gm, ctx, passes)
         self.graphs.append(gm)
         if config.compile:

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--fp8", action="store_true")
     e.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"img": 1023, "heads": 3}\'')
     e.add_argument("--json", help="also write the report as JSON here")
+    e.add_argument("--verbose", action="store_true", help="also print every op's placement")
     d = sub.add_parser("doctor", help="run a parallelized tiny model twice and print cpfx.diagnose")
     d.add_argument("--model", choices=sorted(tiny.BUILDERS), default="flux")
     d.add_argument("--world", type=int, default=2)
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         shape, names = (args.world,), (args.mesh,)
     cfg = ParallelConfig(ring_rotate=args.rotate, fp8_comm=args.fp8)
     report = explain(
-        model, None, cfg, world=args.world, mesh_shape=shape, mesh_dim_names=names, **inputs
+        model, None, cfg, world=args.world, mesh_shape=shape, mesh_dim_names=names,
+        verbose=args.verbose, **inputs,
     )
     if args.json:
         import dataclasses

@@ -57,14 +57,23 @@ class CpfxBackend:
         if self.mesh_info.world == 1:
             return gm.forward
         _refuse_autograd(gm, example_inputs)
-        compile_fn = functools.partial(self.compile_aten, graph_id=graph_id)
+        names = [_input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        compile_fn = functools.partial(self.compile_aten, graph_id=graph_id, input_names=names)
         return capture.functionalize(gm, example_inputs, compile_fn)
 
     def compile_aten(
-        self, gm: fx.GraphModule, example_inputs: list[Any], graph_id: int = 0
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        graph_id: int = 0,
+        input_names: list[str] | None = None,
     ) -> Callable[..., Any]:
         """Run the pipeline on one functional ATen graph; return what executes it."""
         config = self.config
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if input_names and len(input_names) == len(inputs):  # AOTAutograd keeps the inputs' order
+            for n, name in zip(inputs, input_names):
+                n.meta["cpfx_input"] = name
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
         fake = tuple(
             fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not _is_fake(x) else x
@@ -95,6 +104,22 @@ class CpfxBackend:
 
             fn = verify_first_call(fn, gm, reference, ctx)
         return fn
+
+
+def _input_name(n: fx.Node) -> str:
+    """The user-facing name of a Dynamo graph input: `L_hidden_states_` -> `hidden_states`,
+    `L_self_modules_x_embedder_parameters_weight_` -> `x_embedder.weight`."""
+    name = n.name
+    for prefix in ("L_self_", "l_self_", "L_", "l_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    name = name.rstrip("_")
+    for prefix in ("kwargs_", "args_"):
+        name = name[len(prefix):] if name.startswith(prefix) else name
+    for part in ("modules_", "parameters_", "buffers_"):
+        name = name.replace(part, ".")
+    return name.strip(".").replace("_.", ".")
 
 
 def _is_fake(x: torch.Tensor) -> bool:

@@ -64,6 +64,8 @@ def val(n: Any) -> Any:
 
 def where(n: fx.Node) -> str:
     """`module.path (file:line)` of the model code a node came from, for messages."""
+    if n.op == "placeholder" and "cpfx_input" in n.meta:
+        return f"input {n.meta['cpfx_input']}"
     stack = n.meta.get("nn_module_stack") or {}
     path = ""
     if stack:

@@ -397,10 +397,18 @@ class Runtime:
         self.reports.append(report)
         if self.info.world > 1 and report.parallel == 0:
             if report.whole:
+                outside = (
+                    f"; {report.outside_total} more ran outside cpfx's compiled graphs "
+                    f"({_where_text(report.outside)}: graph breaks, torch.compiler.disable, "
+                    "custom processors)"
+                    if report.outside
+                    else ""
+                )
                 raise UnsupportedPatternError(
                     f"cpfx: none of the attention calls of {self.model_name} could be "
                     "parallelized; every rank would compute the whole model: "
                     + "; ".join(report.whole)
+                    + outside
                     + ". `cpfx.explain(model, ..., verbose=True)` shows the plan."
                 )
             where = _where_text(report.outside)

@@ -288,10 +288,11 @@ def merge_lse(
 # --- ring -------------------------------------------------------------------------------------
 
 
-def _pack_kv(k: Tensor, v: Tensor, shape: tuple[int, int, int]) -> Tensor:
+def _pack_kv(k: Tensor, v: Tensor, shape: tuple[int, int, int, int, int]) -> Tensor:
     """k [B, h, S, D], v [B, h, S, Dv] -> rows [S, B, h * (D + Dv)]: one transfer per block."""
-    B, h, S = shape
-    return torch.cat([t.permute(2, 0, 1, 3).reshape(S, B, -1) for t in (k, v)], -1)
+    B, h, S, d, dv = shape
+    rows = [k.permute(2, 0, 1, 3).reshape(S, B, h * d), v.permute(2, 0, 1, 3).reshape(S, B, h * dv)]
+    return torch.cat(rows, -1)
 
 
 def _unpack_kv(rows: Tensor, shape: tuple[int, int, int, int, int]) -> tuple[Tensor, Tensor]:
@@ -312,7 +313,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: A
     s_q = sum(n for _, n in q_pieces)
     sizes = [sum(n for _, n in spec.kv_pieces(j)) for j in range(R)]
     longest = max(sizes)
-    rows = comm.pad_rows(_pack_kv(k, v, (B, h, sizes[me])), sizes[me], longest, 3)
+    rows = _pack_kv(k, v, (B, h, sizes[me], D, site.value_dim))
+    rows = comm.pad_rows(rows, sizes[me], longest, 3)  # [S_max, B, h * (D + Dv)]
     width = h * (D + site.value_dim)
 
     def step(blk: Tensor, j: int, acc, acc_lse):

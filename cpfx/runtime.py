@@ -95,6 +95,8 @@ class GraphRecord:
     """Of those, rewritten into context-parallel attention."""
     whole_attention: list[str] = dataclasses.field(default_factory=list)
     """Of those, the ones cpfx left on the whole sequence on every rank (where, and why)."""
+    short_attention: int = 0
+    """Of those, the ones over sequences too short to split (one token): run whole, as expected."""
     reason: str | None = None
     """Dynamo's guard failure that made this a recompile (None for a frame's first graph)."""
     call: int = 0
@@ -125,6 +127,8 @@ class AttentionReport:
     """Attention kernels that ran outside cpfx's graphs, by module path."""
     whole: dict[str, int] = dataclasses.field(default_factory=dict)
     """Attentions inside cpfx's graphs that ran on the whole sequence on every rank."""
+    short: int = 0
+    """Attentions over sequences too short to split (run whole on every rank, as expected)."""
     graphs_run: list[int] = dataclasses.field(default_factory=list)
 
     @property
@@ -155,6 +159,7 @@ class _AttentionObserver(TorchDispatchMode):
         self.report.parallel += rec.parallel_attention
         for w in rec.whole_attention:
             self.report.whole[w] = self.report.whole.get(w, 0) + 1
+        self.report.short += rec.short_attention
         self.report.graphs_run.append(rec.id)
 
 
@@ -230,6 +235,7 @@ class Runtime:
         parallel = int(out_gm.meta.get("cpfx_attention_parallel", 0))
         whole = list(out_gm.meta.get("cpfx_attention_whole", ()))
         rec = GraphRecord(len(self.graphs), out_gm, captured, parallel, whole, reason, self.calls)
+        rec.short_attention = int(out_gm.meta.get("cpfx_attention_short", 0))
         self.graphs.append(rec)
         if reason:
             self.recompile_reasons.append(reason)
@@ -395,6 +401,12 @@ class Runtime:
 
     def _judge(self, report: AttentionReport) -> None:
         self.reports.append(report)
+        if self.info.world > 1 and report.parallel == 0 and report.short and not (
+            report.whole or report.outside
+        ):
+            log.info("cpfx: %s: every attention is over a sequence too short to split; it runs "
+                     "whole on every rank", self.model_name)
+            return
         if self.info.world > 1 and report.parallel == 0:
             if report.whole:
                 outside = (

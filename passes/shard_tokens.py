@@ -275,21 +275,25 @@ def _refuse_flex_attention(gm: fx.GraphModule) -> None:
 def shard_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     _refuse_flex_attention(gm)
     mesh = ctx.mesh
-    seeds, sdpas = find_seeds(gm.graph, mesh.world)
+    seeds, sdpas, short = find_seeds(gm.graph, mesh.world)
     log.info("shard_tokens: %d attention calls, %d seeds", len(sdpas), len(seeds))
     plan = propagate(gm.graph, seeds, mesh.cp_rank, mesh.world, _overrides(ctx))
     gm.meta["cpfx_shard_plan"] = plan
     gm.meta["cpfx_attention"] = len(sdpas)
-    whole = []
+    whole, too_short = [], 0
     for n in sdpas:
         dec = plan.nodes[n].decision
         if dec is None:
             counters[PASS]["attention_replicated"] += 1
-            whole.append(f"{where(n)}: no operand carries the sharded sequence")
+            if n in short:  # a sequence of one item (per piece): nothing to split
+                too_short += 1
+            else:
+                whole.append(f"{where(n)}: no operand carries the sharded sequence")
         elif not dec.rule.startswith("attention"):
             whole.append(f"{where(n)}: its operands are gathered ({dec.rule})")
-    gm.meta["cpfx_attention_parallel"] = len(sdpas) - len(whole)
+    gm.meta["cpfx_attention_parallel"] = len(sdpas) - len(whole) - too_short
     gm.meta["cpfx_attention_whole"] = whole
+    gm.meta["cpfx_attention_short"] = too_short
     _Applier(gm, plan, ctx).run()
     gm.graph.eliminate_dead_code()
     gm.recompile()

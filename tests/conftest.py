@@ -23,10 +23,16 @@ def pools():
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tiers: `gpu` (skipped without CUDA), `ranks` (real gloo processes: every test using the
+    `pools` fixture, or marked), `graph` (everything else: one process, seconds)."""
     import torch
 
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in items:
-            if "gpu" in item.keywords:
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            if not torch.cuda.is_available():
                 item.add_marker(skip)
+        elif "pools" in getattr(item, "fixturenames", ()) or "ranks" in item.keywords:
+            item.add_marker(pytest.mark.ranks)
+        else:
+            item.add_marker(pytest.mark.graph)

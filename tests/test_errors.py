@@ -120,6 +120,7 @@ def test_divergent_ranks_raise_instead_of_hanging(pools):
         ), r
 
 
+@pytest.mark.ranks
 def test_rank_death_raises_within_timeout():
     pool = Pool(2)
     try:

@@ -56,13 +56,6 @@ def test_one_rank_failing_to_compile_stops_every_rank_at_once(pools):
     assert max(r["seconds"] for r in res) < 30, res
 
 
-ZERO_TOKEN_RANKS = pytest.mark.xfail(
-    reason="attention/shard side (core): passes/shard_tokens.py reshapes a rank's zero-length "
-    "shard with -1 ('cannot reshape tensor of 0 elements into shape [1, 0, 2, -1, 2]'); the "
-    "runtime side (comm.take_pieces/gather_tokens with no pieces, every rank failing at once) "
-    "is done",
-    strict=False,
-)
 FEW_TOKENS = [
     pytest.param(4, "ulysses", 3, 2, id="3img+2txt-on-4-ulysses"),
     pytest.param(4, "ring", 3, 2, id="3img+2txt-on-4-ring"),
@@ -71,7 +64,6 @@ FEW_TOKENS = [
 ]
 
 
-@ZERO_TOKEN_RANKS
 @pytest.mark.parametrize("world, mesh_name, img, txt", FEW_TOKENS)
 def test_fewer_tokens_than_ranks_exact(pools, world, mesh_name, img, txt):
     res = pools(world).run(
@@ -112,6 +104,7 @@ def _killed(config):
     ],
     ids=["at-the-input-check", "inside-the-graph"],
 )
+@pytest.mark.ranks
 def test_killed_rank_gives_communication_error(config, where):
     res = _killed(config)
     assert res["first"].startswith("CommunicationError: cpfx: rank 0:"), res

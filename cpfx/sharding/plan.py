@@ -204,15 +204,20 @@ class _Seeds:
         return self.reach[root]
 
 
-def find_seeds(graph: fx.Graph, world: int) -> tuple[dict[fx.Node, int], list[fx.Node]]:
-    """Nodes where the attention sequence starts, with their token dim; and the SDPA nodes."""
+def find_seeds(
+    graph: fx.Graph, world: int
+) -> tuple[dict[fx.Node, int], list[fx.Node], set[fx.Node]]:
+    """Nodes where the attention sequence starts, with their token dim; the SDPA nodes; and those
+    of them whose queries are too short to split (every piece of their sequence has < 2 items)."""
     walk = _Seeds(world)
     seeds: dict[fx.Node, int] = {}
+    short: set[fx.Node] = set()
     sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target == SDPA]
     for n in sdpas:
         q, k, v = n.args[:3]
         sq = val(q).shape[-2]
         if sq < 2:
+            short.add(n)
             continue
         from_q = walk.of(q, val(q).ndim - 2)
         found = set(from_q)
@@ -221,10 +226,12 @@ def find_seeds(graph: fx.Graph, world: int) -> tuple[dict[fx.Node, int], list[fx
             if from_k & from_q:
                 # Keys share an origin with the queries: self (or joint) attention.
                 found |= from_k | walk.of(v, val(v).ndim - 2)
+        if all(val(node).shape[d] < 2 for node, d in from_q):
+            short.add(n)
         for node, d in found:
             if val(node).shape[d] >= 2:
                 seeds.setdefault(node, d)
-    return seeds, sdpas
+    return seeds, sdpas, short
 
 
 # --- propagation ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ inductor with `ParallelConfig(compile=True)`.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -58,8 +57,16 @@ class CpfxBackend:
             return gm.forward
         _refuse_autograd(gm, example_inputs)
         names = [_input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
-        compile_fn = functools.partial(self.compile_aten, graph_id=graph_id, input_names=names)
-        return capture.functionalize(gm, example_inputs, compile_fn)
+        runners: list[GraphRunner] = []
+
+        def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> GraphRunner:
+            runners.append(self.compile_aten(aten_gm, inputs, graph_id, names))
+            return runners[-1]
+
+        compiled = capture.functionalize(gm, example_inputs, compile_fn)
+        for r in runners:  # inductor runs here, outside the trace's composite-op override
+            r.finish()
+        return compiled
 
     def compile_aten(
         self,
@@ -67,7 +74,7 @@ class CpfxBackend:
         example_inputs: list[Any],
         graph_id: int = 0,
         input_names: list[str] | None = None,
-    ) -> Callable[..., Any]:
+    ) -> GraphRunner:
         """Run the pipeline on one functional ATen graph; return what executes it."""
         config = self.config
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -92,18 +99,36 @@ class CpfxBackend:
         with unset_fake_temporarily(), no_python_dispatcher():
             gm = run_passes(gm, ctx, passes)
         self.graphs.append(gm)
-        if config.compile:
+        keep = any(p.sets_schedule for p in active_passes(passes, config))
+        return GraphRunner(gm, ctx, reference, keep)
+
+
+class GraphRunner:
+    """What AOTAutograd calls for one rewritten graph: the graph itself, or inductor's code for it
+    (`finish()` compiles it once the trace is over), checked on its first call with `verify`."""
+
+    _boxed_call = True  # AOTAutograd passes the arguments as one list
+
+    def __init__(
+        self, gm: fx.GraphModule, ctx: PassContext, reference: fx.GraphModule | None, keep: bool
+    ) -> None:
+        self.gm, self.ctx, self.reference, self.keep_schedule = gm, ctx, reference, keep
+        self.fn: Callable[..., Any] = gm.forward
+
+    def finish(self) -> None:
+        if self.ctx.config.compile:
             from cpfx.inductor import compile_with_inductor
 
-            keep = any(p.sets_schedule for p in active_passes(passes, config))
-            fn = compile_with_inductor(gm, list(fake), keep_schedule=keep)
-        else:
-            fn = gm.forward
-        if reference is not None:
+            # compile_fx returns a function of unboxed arguments (whatever its `_boxed_call` says:
+            # aot_module_simplified copies the attribute from the boxed function it wraps).
+            self.fn = compile_with_inductor(self.gm, list(self.ctx.fake_inputs), self.keep_schedule)
+        if self.reference is not None:
             from cpfx.verify import verify_first_call
 
-            fn = verify_first_call(fn, gm, reference, ctx)
-        return fn
+            self.fn = verify_first_call(self.fn, self.gm, self.reference, self.ctx)
+
+    def __call__(self, args: list[Any]) -> Any:
+        return self.fn(*args)
 
 
 def _input_name(n: fx.Node) -> str:

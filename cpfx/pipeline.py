@@ -109,7 +109,20 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.G
         log.info(header)
         if dump:
             debug.write_dump(dump, rank, ctx.graph_id, i, p.name, gm, header)
+    _drop_unused_constants(gm)
     return gm
+
+
+def _drop_unused_constants(gm: fx.GraphModule) -> None:
+    """Delete tensor attributes no `get_attr` reads any more (constants of removed nodes): a
+    compiler that lifts a module's buffers to inputs would otherwise receive them too."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers(recurse=False)):
+        if name not in used:
+            delattr(gm, name)
+    for name in [k for k, v in vars(gm).items() if isinstance(v, torch.Tensor)]:
+        if name.startswith("_tensor_constant") and name not in used:
+            delattr(gm, name)
 
 
 def refresh_meta(gm: fx.GraphModule, ctx: PassContext) -> None:

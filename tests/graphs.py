@@ -95,5 +95,5 @@ def inductor_code(
             _, codes = run_and_get_code(lambda: torch.compile(m, backend=be, dynamic=False)(**kw))
     (gm,) = be.graphs
     (code,) = codes
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.meta.get("cpfx_input", n.name) for n in gm.graph.nodes if n.op == "placeholder"]
     return code[code.index("def call(") :], names

@@ -109,7 +109,7 @@ def test_killed_rank_gives_communication_error(config, where):
     res = _killed(config)
     assert res["first"].startswith("CommunicationError: cpfx: rank 0:"), res
     assert "rank(s) [1] did not answer" in res["first"] and where in res["first"], res
-    assert "Connection closed by peer" in res["first"]  # the original error, chained and quoted
+    assert "Original error: " in res["first"]  # chained and quoted (gloo's words vary with timing)
     assert res["first_s"] < 10, res
     assert res["second"].startswith("CommunicationError") and "failed earlier" in res["second"]
     assert "re-create the process group" in res["second"] and res["second_s"] < 0.5, res

@@ -95,6 +95,15 @@ class SliceKeys(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
+class _Causal(_Attn):
+    """Causal self-attention (autoregressive video / audio DiTs): the mask follows global positions."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
 def _cogvideox(sample_frames: int = 8, frames: int = 2, batch: int = 1):
     """diffusers' own CogVideoX model-test configuration: sample_frames=8 with 2 latent frames."""
     from diffusers import CogVideoXTransformer3DModel
@@ -131,6 +140,8 @@ def build(name: str, seed: int = 0):
     if name == "slice_keys":
         return SliceKeys().eval(), {"img": torch.randn(2, 13, 16, generator=g),
                                     "txt": torch.randn(2, 5, 16, generator=g)}
+    if name == "causal":
+        return _Causal().eval(), {"x": torch.randn(2, 13, 16, generator=g)}
     if name == "cogvideox_frames":
         return _cogvideox()
     if name == "cogvideox_frames_b2":
@@ -162,8 +173,8 @@ def parity(name: str, names: tuple[str, ...] = ("ulysses",), config: dict | None
     }
 
 
-CASES = ["data_copy", "inplace_mask", "per_tensor_quant", "slice_keys", "cogvideox_frames",
-         "cogvideox_frames_b2"]
+CASES = ["data_copy", "inplace_mask", "per_tensor_quant", "slice_keys", "causal",
+         "cogvideox_frames", "cogvideox_frames_b2"]
 
 
 @pytest.mark.parametrize("names", [("ulysses",), ("ring",)], ids=["ulysses", "ring"])

@@ -56,7 +56,11 @@ def parallelize(
     if runtime.info.world == 1:
         log.info("cpfx: one rank: %s runs as it is (nothing to parallelize)", type(model).__name__)
         return model
-    compiled = compile_call(model._call_impl, runtime)
+    if config.regional:
+        compile_blocks(model, runtime)
+        compiled = model._call_impl  # the code between the blocks runs eagerly
+    else:
+        compiled = compile_call(model._call_impl, runtime)
 
     @functools.wraps(model._call_impl)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -65,6 +69,39 @@ def parallelize(
     runtime.compiled = compiled
     model._compiled_call_impl = call  # type: ignore[assignment]
     return model
+
+
+def compile_blocks(model: nn.Module, runtime: Any) -> None:
+    """`ParallelConfig(regional=True)`: one Dynamo-compiled call per repeated block class, shared
+    by every instance (parameters are graph inputs, so the instances reuse one graph)."""
+    from cpfx.runtime import compile_call
+
+    names = tuple(getattr(model, "_repeated_blocks", None) or ())
+    per_class: dict[type, Any] = {}
+    for m in model.modules():
+        if type(m).__name__ not in names:
+            continue
+        if type(m) not in per_class:
+            per_class[type(m)] = compile_call(_call_block, runtime)
+        m._compiled_call_impl = functools.partial(per_class[type(m)], m)  # type: ignore[assignment]
+    if not per_class:
+        raise ConfigError(
+            f"cpfx: ParallelConfig(regional=True) compiles the blocks a model lists in "
+            f"`_repeated_blocks`; {type(model).__name__} lists "
+            f"{list(names) if names else 'none'}"
+            + (" and has no module of those classes" if names else "")
+            + ". Set the class attribute `_repeated_blocks` to the block class names, or use "
+            "regional=False (the whole model as one graph)."
+        )
+    log.info(
+        "cpfx: regional compile of %s: %s",
+        type(model).__name__,
+        ", ".join(sorted(c.__name__ for c in per_class)),
+    )
+
+
+def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return block._call_impl(*args, **kwargs)
 
 
 def unwrap_errors(fn: Any) -> Any:

@@ -87,10 +87,23 @@ class ParallelConfig:
     are gathered and they run on the whole sequence on every rank. An explicit override of the
     inferred plan, for bisecting or for modules cpfx shards badly."""
 
+    regional: bool = False
+    """Compile each repeated block class once (the classes a diffusers model lists in
+    `_repeated_blocks`, as `compile_repeated_blocks()` does) instead of the whole model: the first
+    call of a 57-block model costs about what a 2-block one does, and a new resolution recompiles
+    two small graphs. The code between the blocks runs eagerly on the whole sequence on every
+    rank (embedders, final norm), and each block gathers its output: one all-gather of the
+    hidden states per block on top of the attention's transfers. Attention outside the repeated
+    blocks (refiner blocks, for instance) is not parallelized (reported, as any attention outside
+    cpfx's graphs). Default off: the whole-model graph keeps the sequence sharded from the first
+    token-wise op to the output."""
+
     def __post_init__(self) -> None:
         _choice(self, "ring_rotate", ("allgather", "p2p"))
         _choice(self, "head_padding", ("auto", "pad", "uneven"))
-        for name in ("fp8_comm", "async_qkv", "compile", "check_collectives", "strict", "verify"):
+        for name in (
+            "fp8_comm", "async_qkv", "compile", "check_collectives", "strict", "verify", "regional"
+        ):
             if type(getattr(self, name)) is not bool:
                 raise ConfigError(
                     f"ParallelConfig.{name}={getattr(self, name)!r}: expected True or False "

@@ -50,7 +50,6 @@ from cpfx.errors import (
     RecompileLimitError,
     UnsupportedPatternError,
 )
-from cpfx.scalars import tensorify_float_inputs
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,6 @@ class Runtime:
     def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         reason = self.pending_reasons[0] if self.pending_reasons else None
         self.pending_reasons.clear()
-        tensorify_float_inputs(gm)
         captured = sum(1 for n in gm.graph.nodes if _is_sdpa(n))
         fn = self._compile(gm, example_inputs)
         out_gm = self.be.graphs[-1] if self.be.graphs else gm  # type: ignore[attr-defined]

@@ -244,8 +244,11 @@ class _Applier:
 
 def _gather(x: torch.Tensor, *args: Any) -> torch.Tensor:
     """A gathered value is contiguous: the single process's value it stands for may have been
-    (a `view` of it, in the graph or after it, must still work)."""
-    return comm.gather_tokens(x, *args).contiguous()
+    (a `view` of it, in the graph or after it, must still work), with the standard strides of its
+    shape (size-1 dims included: a caller compiled for the single process's strides, as Dynamo
+    guards them, sees the same ones)."""
+    out = comm.gather_tokens(x, *args).contiguous()
+    return out.view(out.shape)
 
 
 def _overrides(ctx: PassContext):

@@ -735,3 +735,34 @@ def cache_dit_pipeline(mode: str = "model", steps: int = 8) -> dict[str, Any]:
         "first_call": (reports[0].parallel, reports[0].outside_total),
         "block_calls": [b._cpfx.calls for b in blocks] if mode == "blocks" else None,
     }
+
+
+def regional(
+    model: str, model_kwargs: dict[str, Any] | None = None, calls: int = 2
+) -> dict[str, Any]:
+    """`ParallelConfig(regional=True)`: parity with the single process, the graphs compiled (one
+    per block class expected) and what the observed call's attentions ran as."""
+    import cpfx
+    from tests.models import build
+
+    _fresh()
+    m, kw = build(model, **(model_kwargs or {}))
+    with torch.no_grad():
+        ref = _first(m(**kw)).float()
+    mesh = make_mesh((dist.get_world_size(),), ("ulysses",))
+    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(regional=True))
+    diffs = []
+    with torch.no_grad():
+        for _ in range(calls):
+            diffs.append((_first(m(**kw)).float() - ref).abs().max().item())
+    rt = m._cpfx
+    (report,) = rt.reports
+    return {
+        "max_abs": max(diffs),
+        "graphs": len(rt.graphs),
+        "blocks": sum(1 for b in m.modules() if type(b).__name__ in m._repeated_blocks),
+        "parallel": report.parallel,
+        "outside": report.outside_total,
+        "runs": sum(g.runs for g in rt.graphs),
+        "reasons": rt.recompile_reasons,
+    }

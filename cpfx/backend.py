@@ -55,8 +55,9 @@ class CpfxBackend:
         graph_id = next(self._ids)
         if self.mesh_info.world == 1:
             return gm.forward
-        _refuse_autograd(gm, example_inputs)
         names = [_input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        if _records_autograd(example_inputs):
+            return self._compile_training(gm, example_inputs, graph_id, names)
         runners: list[GraphRunner] = []
 
         def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> GraphRunner:
@@ -68,12 +69,40 @@ class CpfxBackend:
             r.finish()
         return compiled
 
+    def _compile_training(
+        self, gm: fx.GraphModule, example_inputs: list[Any], graph_id: int, names: list[str]
+    ) -> Callable[..., Any]:
+        """Plan and rewrite the functional forward (traced without autograd), then let
+        AOTAutograd differentiate the rewritten graph (`cpfx.training`)."""
+        from cpfx import training
+
+        training.refuse_unsupported(self.config, self.mesh_info)
+        rewritten: list[fx.GraphModule] = []
+
+        def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+            if training.output_count(aten_gm) != training.output_count(gm):
+                raise CpfxError(
+                    "cpfx: this graph writes to its inputs or buffers (in-place updates that "
+                    "AOTAutograd returns as extra outputs); cpfx computes gradients only through "
+                    "graphs without such writes. Call the model under torch.no_grad(), or move "
+                    "the write out of the forward."
+                )
+            runner = self.compile_aten(aten_gm, inputs, graph_id, names, training=True)
+            rewritten.append(runner.gm)
+            return runner
+
+        with torch.no_grad():
+            capture.functionalize(gm, example_inputs, compile_fn)
+        (parallel,) = rewritten
+        return training.derive_backward(parallel, example_inputs)
+
     def compile_aten(
         self,
         gm: fx.GraphModule,
         example_inputs: list[Any],
         graph_id: int = 0,
         input_names: list[str] | None = None,
+        training: bool = False,
     ) -> GraphRunner:
         """Run the pipeline on one functional ATen graph; return what executes it."""
         config = self.config
@@ -86,7 +115,7 @@ class CpfxBackend:
             fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not _is_fake(x) else x
             for x in example_inputs
         )
-        ctx = PassContext(config, self.mesh_info, graph_id, fake, fake_mode)
+        ctx = PassContext(config, self.mesh_info, graph_id, fake, fake_mode, training)
         reference = copy.deepcopy(gm) if config.verify else None
         passes = build_pipeline(config)
         from torch._dispatch.python import no_python_dispatcher
@@ -153,15 +182,10 @@ def _is_fake(x: torch.Tensor) -> bool:
     return isinstance(x, FakeTensor)
 
 
-def _refuse_autograd(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
-    if torch.is_grad_enabled() and any(
+def _records_autograd(example_inputs: list[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
-    ):
-        raise CpfxError(
-            "cpfx: this call records autograd (grad mode on, and parameters or inputs require "
-            "grad); cpfx parallelizes inference only. Call the model under torch.no_grad() or "
-            "torch.inference_mode(), or call model.requires_grad_(False)."
-        )
+    )
 
 
 def backend(mesh: Any = None, config: ParallelConfig | None = None) -> CpfxBackend:

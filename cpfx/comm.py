@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -130,3 +131,11 @@ def gather_tokens(
 
 def group_name_of(group: dist.ProcessGroup) -> str:
     return group.group_name
+
+
+def gather_contiguous(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """`gather_tokens`, contiguous with the standard strides of its shape (size-1 dims included):
+    it stands for a value of the single process that may have been (a later `view` must work, and
+    a caller compiled for the single process's strides, as Dynamo guards them, sees the same)."""
+    out = gather_tokens(x, *args).contiguous()
+    return out.view(out.shape)

@@ -17,6 +17,9 @@ class PassContext:
     fake_inputs: tuple[Any, ...] = ()
     """Fake example inputs of the captured graph, to refresh `meta["val"]` after a rewrite."""
     fake_mode: Any = None
+    training: bool = False
+    """The graph will be differentiated (`cpfx.training`): the applier marks the edges whose
+    gradient needs a different collective than the forward's ops would give."""
 
     # Read-only views of the mesh, for passes that name these facts directly.
     @property

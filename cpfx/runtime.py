@@ -460,22 +460,22 @@ class Runtime:
         )
 
     def _grad_problem(self, leaves: list[Any]) -> str | None:
-        """Why this call must be refused for grad mode (None: fine). Costs one flag read when
-        gradients are disabled, as in diffusers pipelines."""
+        """Why this call must be refused for grad mode (None: fine): gradients are exact for the
+        configurations `cpfx.training` covers. Costs one flag read when gradients are disabled, as
+        in diffusers pipelines."""
         if not torch.is_grad_enabled():
             return None
         needs = sum(1 for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad)
         params = [n for n, p in self.model_ref.named_parameters() if p.requires_grad]
         if not needs and not params:
             return None
-        what = f"parameter {params[0]!r}" if params else "an input tensor"
-        return (
-            f"cpfx: {self.model_name} was called with gradients enabled and {what} "
-            f"({len(params)} parameter(s), {needs} input(s)) requiring grad on rank "
-            f"{self.info.cp_rank}; cpfx does not compute exact gradients yet (the backward would "
-            "be silently wrong). Call it under torch.no_grad() or torch.inference_mode() "
-            "(diffusers pipelines do), or freeze it with model.requires_grad_(False)."
-        )
+        from cpfx.training import refuse_unsupported
+
+        try:
+            refuse_unsupported(self.config, self.info)
+        except CpfxError as e:
+            return f"{e} (rank {self.info.cp_rank}, {self.model_name})"
+        return None
 
     def _recompile_error(self) -> RecompileLimitError:
         reason = self.pending_reasons[0] if self.pending_reasons else "(Dynamo gave no reason)"

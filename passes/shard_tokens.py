@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from cpfx import comm
+from cpfx import comm, training
 from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.errors import UnsupportedPatternError
@@ -53,6 +53,7 @@ class _Applier:
         self.full: dict[fx.Node, fx.Node] = {}
         """sharded node -> a node holding its global value (seeds, replays)"""
         self.memo: dict[tuple[fx.Node, Placement], fx.Node] = {}
+        self.grad_sums: dict[fx.Node, fx.Node] = {}
         self.c = counters[PASS]
 
     # --- redistribution ------------------------------------------------------------------
@@ -83,8 +84,9 @@ class _Applier:
         return self.memo[key]
 
     def slice(self, x: fx.Node, need: Shard, before: fx.Node) -> fx.Node:
+        src = self.sum_grad(x, before)
         s = splice(
-            self.g, before, take_pieces, [x, need.dim, need.layout.pieces(self.rank)],
+            self.g, before, take_pieces, [src, need.dim, need.layout.pieces(self.rank)],
             origin=before, pass_name=PASS,
         )
         s.meta["val"] = val(x)  # global until the pass ends (meta is refreshed after it)
@@ -98,21 +100,38 @@ class _Applier:
         shape = list(val(x).shape)
         shape[cur.dim] = cur.layout.local_size(self.rank)
         mesh = self.ctx.mesh
-        g = splice(
-            self.g,
-            before,
-            _gather,
-            [x, cur.dim, cur.layout, list(range(mesh.world)), mesh.cp_group, shape,
-             val(x).device.type],
-            origin=before,
-            pass_name=PASS,
-        )
+        args = [list(range(mesh.world)), mesh.cp_group, shape, val(x).device.type]
+        if self.ctx.training:  # one node: AOTAutograd differentiates it with its own backward
+            g = _opaque(self.g, before, training.gather_tokens,
+                        [x, cur.dim, cur.layout, self.rank, *args], origin=before)
+        else:
+            g = splice(self.g, before, _gather, [x, cur.dim, cur.layout, *args], origin=before,
+                       pass_name=PASS)
         g.meta["val"] = val(x)
         g.meta["cpfx_gather"] = (x.name, f"{before.name}: {where(before)}")
         self.place[g] = REPLICATE
         self.c["gather"] += 1
         log.debug("gather %s before %s (%s)", x.name, before.name, where(before))
         return g
+
+    def sum_grad(self, x: fx.Node, before: fx.Node) -> fx.Node:
+        """Training: `x` (replicated) read by an op that produces a shard; its gradient from this
+        rank covers this rank's tokens only, so the ranks' gradients are summed (cpfx.training).
+        One marker per value, placed right after it."""
+        v = val(x)
+        if not self.ctx.training or not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+            return x
+        if x not in self.grad_sums:
+            anchor = x
+            if x.op == "placeholder":
+                anchor = [p for p in self.g.nodes if p.op == "placeholder"][-1]
+            m = _opaque(self.g, anchor, training.sum_grad, [x, self.ctx.mesh.cp_group],
+                        after=True, origin=x)
+            m.meta["val"] = v
+            self.place[m] = REPLICATE
+            self.grad_sums[x] = m
+            self.c["grad_sum"] += 1
+        return self.grad_sums[x]
 
     def full_version(self, x: fx.Node) -> fx.Node | None:
         """A node with the global value of sharded `x`, without communication: known for seeds
@@ -156,9 +175,10 @@ class _Applier:
         anchor = n
         if n.op == "placeholder":  # keep the placeholders together at the top
             anchor = [x for x in self.g.nodes if x.op == "placeholder"][-1]
+        src = self.sum_grad(n, anchor)
         s = splice(
-            self.g, anchor, take_pieces, [n, p.dim, p.layout.pieces(self.rank)],
-            after=True, origin=n, pass_name=PASS,
+            self.g, src if src is not n else anchor, take_pieces,
+            [src, p.dim, p.layout.pieces(self.rank)], after=True, origin=n, pass_name=PASS,
         )
         s.meta["val"] = val(n)
         s.meta["cpfx_local_of"] = (n.name, p)
@@ -174,6 +194,10 @@ class _Applier:
         assert len(operands) == len(dec.needs), (n.format_node(), dec)
         before = n if n.op != "output" else n
         local = [self.convert(x, need, before) for x, need in zip(operands, dec.needs)]
+        if self.ctx.training and n.op != "output" and _sharded(dec.out):
+            local = [
+                self.sum_grad(x, n) if not _sharded(self.placement(x)) else x for x in local
+            ]
         if n.op == "output":
             self._substitute_leaves(n, local)
             return
@@ -242,13 +266,19 @@ class _Applier:
         self.c[dec.rule if dec.rule.startswith("attention") else "attention_gathered"] += 1
 
 
+def _opaque(
+    g: fx.Graph, anchor: fx.Node, fn: Any, args: list[Any], *, after: bool = False,
+    origin: fx.Node,
+) -> fx.Node:
+    """One `call_function` node of `fn` (not traced into its ops, as `splice` would)."""
+    with g.inserting_after(anchor) if after else g.inserting_before(anchor):
+        n = g.create_node("call_function", fn, tuple(args))
+    copy_origin_meta(n, origin, PASS)
+    return n
+
+
 def _gather(x: torch.Tensor, *args: Any) -> torch.Tensor:
-    """A gathered value is contiguous: the single process's value it stands for may have been
-    (a `view` of it, in the graph or after it, must still work), with the standard strides of its
-    shape (size-1 dims included: a caller compiled for the single process's strides, as Dynamo
-    guards them, sees the same ones)."""
-    out = comm.gather_tokens(x, *args).contiguous()
-    return out.view(out.shape)
+    return comm.gather_contiguous(x, *args)
 
 
 def _overrides(ctx: PassContext):

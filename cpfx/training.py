@@ -1,0 +1,121 @@
+"""Exact gradients through a context-parallel graph.
+
+A parallelized forward is planned and rewritten as for inference, on AOTAutograd's functional
+forward graph; AOTAutograd then derives the backward of the *rewritten* graph (`derive_backward`).
+Collectives bring their own derivatives (an all-to-all's is the reverse all-to-all). Two edges
+of the plan need a different one than the ops on them would give, and the applier marks them:
+
+- Replicate -> Shard (a replicated value read by an op that produces a shard: the seed slices,
+  a weight or a replicated K/V read by sharded tokens): each rank's gradient for the replicated
+  value covers only its own tokens, so `sum_grad` all-reduces it over the ranks. Uses of the same
+  value by replicated ops are not marked: their gradient is already whole on every rank.
+- Shard -> Replicate (a gather): the loss is computed from the gathered value on every rank,
+  identically, so the gradient arriving at the gather is whole and the same on every rank; each
+  rank keeps its own tokens' rows (`gather_tokens`' backward), without communication. The
+  all-gather's own derivative (a reduce-scatter sum) would count every rank's copy of the loss.
+
+So every replicated value, parameters included, ends the backward with the single process's
+gradient on every rank; nothing is left for the user to all-reduce over the context-parallel
+group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from cpfx import comm
+from cpfx.errors import CpfxError
+
+
+class _SumGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group_name: str) -> torch.Tensor:
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        c10d = torch.ops._c10d_functional
+        out = c10d.wait_tensor(c10d.all_reduce(grad.contiguous(), "sum", ctx.group_name))
+        return out, None
+
+
+def sum_grad(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Identity forward; backward: the sum of the ranks' gradients (an all-reduce)."""
+    return _SumGrad.apply(x, group_name)
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, layout: Any, rank: int,
+                *args: Any) -> torch.Tensor:
+        ctx.dim, ctx.pieces, ctx.n_rest = dim, layout.pieces(rank), 3 + len(args)
+        return comm.gather_contiguous(x, dim, layout, *args)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        from cpfx.sharding.placement import take_pieces
+
+        return (take_pieces(grad, ctx.dim, ctx.pieces), *([None] * ctx.n_rest))
+
+
+def gather_tokens(x: torch.Tensor, dim: int, layout: Any, rank: int, *args: Any) -> torch.Tensor:
+    """`comm.gather_contiguous(x, dim, layout, *args)`; backward: this rank's rows of the
+    (whole, replicated) gradient."""
+    return _GatherTokens.apply(x, dim, layout, rank, *args)
+
+
+def refuse_unsupported(config: Any, mesh: Any) -> None:
+    """Training covers Ulysses (even, uneven, padded or split heads), eager execution."""
+    why = []
+    if mesh.ring > 1:
+        why.append("ring attention (a ring or USP mesh): its log-sum-exp merge has no backward yet")
+    if config.fp8_comm:
+        why.append("fp8_comm=True")
+    if config.compile:
+        why.append("compile=True (inductor)")
+    if why:
+        raise CpfxError(
+            "cpfx: gradients through a parallelized model are computed for Ulysses meshes in "
+            f"eager execution; this one uses {', '.join(why)}. Train with a Ulysses mesh, "
+            "fp8_comm=False and compile=False, or call the model under torch.no_grad()."
+        )
+
+
+def derive_backward(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """AOTAutograd over the rewritten forward: the compiled function records autograd."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    _differentiable_copies(gm)
+
+    def run(g: fx.GraphModule, _inputs: list[Any]) -> Callable[..., Any]:
+        return make_boxed_func(g.forward)
+
+    return aot_module_simplified(gm, example_inputs, fw_compiler=run, bw_compiler=run)
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return src.to(dst.dtype).expand(dst.shape).contiguous()
+
+
+def _differentiable_copies(gm: fx.GraphModule) -> None:
+    """`aten.copy(dst, src)` (functionalization's form of `dst.copy_(src)`) has no derivative;
+    the same values as a cast, broadcast and copy of `src` do (`dst` only gives the shape)."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.copy.default:
+            if len(n.args) > 2 or n.kwargs.get("non_blocking"):
+                continue
+            n.target = _copy_into
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def output_count(gm: fx.GraphModule) -> int:
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    return len(torch.utils._pytree.tree_leaves(out.args))

@@ -21,7 +21,7 @@ import cpfx.ops  # noqa: F401
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
 from cpfx.sharding.placement import REPLICATE, Replicate, Shard, local_value
-from cpfx.sharding.rules import Operand, OpCall
+from cpfx.sharding.rules import OpCall, Operand
 from cpfx.sharding.rules.attention import sdpa_args
 
 aten = torch.ops.aten

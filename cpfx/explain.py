@@ -80,8 +80,7 @@ def explain(
     """Build cpfx's graphs for `model(*args, **kwargs)` and describe them (see module doc)."""
     import cpfx
     from cpfx.api import unwrap_errors
-    from cpfx.context import PassContext
-    from cpfx.passes.check_collectives import sent_bytes
+    from cpfx.debug import sent_bytes
 
     config = dataclasses.replace(config or ParallelConfig(), check_collectives=True)
     torch._dynamo.reset()
@@ -109,10 +108,9 @@ def explain(
             collectives=[],
             counters={k: dict(v) for k, v in cpfx.counters.items()},
         )
-        ctx = PassContext(config, info)
         for gm in be.graphs:
             _describe(gm, report)
-            report.collectives += sent_bytes(gm, ctx)
+            report.collectives += sent_bytes(gm, info)
     torch._dynamo.reset()
     if print_table:
         print(report.table(verbose))

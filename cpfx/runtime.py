@@ -245,15 +245,13 @@ class Runtime:
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Run cpfx's backend; a rank that fails before the collective-schedule exchange tells
         the others (which wait in it), so every rank raises at once."""
-        from cpfx.passes import check_collectives as cc
-
-        cc.begin_compile()
+        rankcheck.begin_compile()
         try:
             return self.be(gm, example_inputs)
         except BaseException:
             if self.config.check_collectives and self.info.check_group is not None:
                 try:
-                    cc.announce_failure(
+                    rankcheck.announce_failure(
                         self.info.check_group,
                         self.info.world,
                         self.config.timeout_s,

@@ -18,11 +18,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 import cpfx.ops  # noqa: F401
+from cpfx.graph_utils import sdpa_args
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
 from cpfx.sharding.placement import REPLICATE, Replicate, Shard, local_value
 from cpfx.sharding.rules import OpCall, Operand
-from cpfx.sharding.rules.attention import sdpa_args
 
 aten = torch.ops.aten
 WORLD = 3
@@ -72,7 +72,7 @@ def _simulate_attention(local, call, dec, tensors, rank):
     """What the lowering must compute for a `cpfx::sharded_attention` placeholder: this rank's
     queries against all keys (the global K/V and mask, the mask's rows for these queries)."""
     site = dec.meta["cpfx_attn"]
-    a = sdpa_args(call)
+    a = sdpa_args(call.args, call.kwargs)
     q = local[a["query"].index]
     k, v = tensors[a["key"].index], tensors[a["value"].index]
     mask = tensors[a["attn_mask"].index] if isinstance(a["attn_mask"], Operand) else None

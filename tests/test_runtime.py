@@ -221,7 +221,7 @@ def test_input_digest_sees_permutations_and_nan_payloads():
 
 
 def test_take_pieces_accepts_no_pieces():
-    from cpfx.comm import take_pieces
+    from cpfx.sharding.placement import take_pieces
 
     x = torch.randn(2, 5, 3)
     assert take_pieces(x, 1, []).shape == (2, 0, 3)

@@ -73,9 +73,6 @@ class ShardPlan:
             return self.nodes[n].placement
         return REPLICATE
 
-    def sharded_nodes(self) -> list[fx.Node]:
-        return [n for n, p in self.nodes.items() if isinstance(p.placement, Shard)]
-
 
 # --- building an OpCall from a node ------------------------------------------------------------
 

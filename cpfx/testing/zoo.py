@@ -15,7 +15,6 @@ cases that together cover the distinct attention patterns, for the test suite.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -2720,15 +2719,6 @@ FAST: tuple[str, ...] = (
     "ace_step",  # 1-D, GQA, a sliding-window mask built from positions, 23 tokens
 )
 """Ten cases covering the distinct patterns, a few seconds each per strategy: for the test suite."""
-
-
-def diffusers_classes() -> list[str]:
-    """The transformer classes the installed diffusers exports (what `CASES` must cover)."""
-    import diffusers
-
-    return sorted(
-        n for n in dir(diffusers) if "Transformer" in n and inspect.isclass(getattr(diffusers, n))
-    )
 
 
 # ---------------------------------------------------------------------------------------------

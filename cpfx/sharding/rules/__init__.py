@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard
+from cpfx.sharding.placement import REPLICATE, Placement, Shard
 
 aten = torch.ops.aten
 
@@ -112,9 +112,9 @@ def rule_for(target: Any) -> Rule | None:
     packet = getattr(target, "overloadpacket", None)
     if packet is not None and packet in _RULES:
         return _RULES[packet]
-    from cpfx.sharding.rules.pointwise import is_pointwise, pointwise
+    from cpfx.sharding.rules import pointwise as pw
 
-    return pointwise if is_pointwise(target) else None
+    return pw.pointwise if pw.is_pointwise(target) else None
 
 
 def registered_ops() -> list[Any]:
@@ -153,10 +153,6 @@ def norm_dim(d: int, ndim: int) -> int:
 def out_shape(call: OpCall) -> tuple[int, ...]:
     assert isinstance(call.out, tuple), call.out
     return call.out
-
-
-def is_replicate(p: Placement) -> bool:
-    return isinstance(p, Replicate)
 
 
 # Rules register themselves on import.

@@ -18,20 +18,9 @@ import torch
 import cpfx.ops  # noqa: F401  (registers torch.ops.cpfx.sharded_attention)
 from cpfx.attention import AttnSite
 from cpfx.errors import UnsupportedPatternError
+from cpfx.graph_utils import sdpa_args
 from cpfx.sharding.placement import REPLICATE, Shard
 from cpfx.sharding.rules import Decision, OpCall, Operand, aten, register
-
-PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-            "enable_gqa": False}
-
-
-def sdpa_args(call: OpCall) -> dict:
-    out = dict(DEFAULTS)
-    out.update(zip(PARAMS, call.args))
-    out.update(call.kwargs)
-    return out
-
 
 def _need(o: Operand | None, dim: int, size: int, shard: Shard) -> object:
     """Operand `o` sharded like `shard` along `dim` if it has that dim at full length."""
@@ -44,7 +33,7 @@ def _need(o: Operand | None, dim: int, size: int, shard: Shard) -> object:
 
 @register(aten.scaled_dot_product_attention.default)
 def sdpa(call: OpCall) -> Decision | None:
-    a = sdpa_args(call)
+    a = sdpa_args(call.args, call.kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     mask = a["attn_mask"] if isinstance(a["attn_mask"], Operand) else None
     if a["dropout_p"]:

@@ -11,7 +11,6 @@ tensor was, and the graph is functional, so a copy instead of an alias changes n
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -503,7 +502,3 @@ def assert_metadata(call: OpCall) -> Decision | None:
     """A check of the global size and stride: on a shard, keep only dtype and device."""
     kw = {k: v for k, v in call.kwargs.items() if k in ("dtype", "device", "layout")}
     return Decision(call.keep(), REPLICATE, args=call.args[:1], kwargs=kw)
-
-
-# operator.getitem on a tuple output is placed by the planner (the tuple's placement list).
-GETITEM = operator.getitem

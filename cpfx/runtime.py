@@ -234,7 +234,9 @@ class Runtime:
         out_gm = self.be.graphs[-1] if self.be.graphs else gm  # type: ignore[attr-defined]
         parallel = int(out_gm.meta.get("cpfx_attention_parallel", 0))
         whole = list(out_gm.meta.get("cpfx_attention_whole", ()))
-        rec = GraphRecord(len(self.graphs), out_gm, captured, parallel, whole, reason, self.calls)
+        rec = GraphRecord(
+            len(self.graphs), out_gm, captured, parallel, whole, reason=reason, call=self.calls
+        )
         rec.short_attention = int(out_gm.meta.get("cpfx_attention_short", 0))
         self.graphs.append(rec)
         if reason:

@@ -163,6 +163,21 @@ def test_recompile_limit_is_an_error_with_dynamo_reason():
         assert len(m._cpfx.graphs) == n == 2
 
 
+
+def test_diagnose_names_the_recompile_and_its_reason():
+    torch._dynamo.reset()
+    m, kw = build("flux")
+    with fake_world(2), torch.no_grad():
+        cpfx.parallelize(m, _mesh(), cpfx.ParallelConfig(check_collectives=False))
+        m(**kw)
+        m(**build("flux", img=32)[1])
+        d = cpfx.diagnose(m)
+    first, second = d.graphs
+    assert first.recompile_reason is None, first
+    assert "size mismatch" in second.recompile_reason, second
+    assert d.recompiles == 1 and "recompiled because: " in str(d)
+    assert [s.call for s in d.signatures] == [1, 2]
+
 def test_attention_counted_once_per_signature_and_strict():
     torch._dynamo.reset()
     m, kw = build("flux", layers=1, single=2)

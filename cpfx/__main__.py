@@ -45,20 +45,30 @@ def main(argv: list[str] | None = None) -> None:
     from cpfx.explain import explain
 
     model, inputs = tiny.build(args.model, **json.loads(args.model_kwargs))
-    if args.mesh == "usp":
-        shape, names = (2, args.world // 2), ("ring", "ulysses")
-    else:
-        shape, names = (args.world,), (args.mesh,)
+    shape, names = _mesh_shape(args)
     cfg = ParallelConfig(ring_rotate=args.rotate, fp8_comm=args.fp8)
     report = explain(
-        model, None, cfg, world=args.world, mesh_shape=shape, mesh_dim_names=names,
-        verbose=args.verbose, **inputs,
+        model,
+        None,
+        cfg,
+        world=args.world,
+        mesh_shape=shape,
+        mesh_dim_names=names,
+        verbose=args.verbose,
+        **inputs,
     )
     if args.json:
         import dataclasses
 
         with open(args.json, "w") as f:
             json.dump(dataclasses.asdict(report), f, indent=1, default=str)
+
+
+def _mesh_shape(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The mesh shape and dim names `--world` and `--mesh` ask for."""
+    if args.mesh == "usp":
+        return (2, args.world // 2), ("ring", "ulysses")
+    return (args.world,), (args.mesh,)
 
 
 def doctor(args: argparse.Namespace) -> None:
@@ -76,10 +86,7 @@ def doctor(args: argparse.Namespace) -> None:
     for path in args.disable:
         sub = model.get_submodule(path)
         sub.forward = torch.compiler.disable(sub.forward)
-    if args.mesh == "usp":
-        shape, names = (2, args.world // 2), ("ring", "ulysses")
-    else:
-        shape, names = (args.world,), (args.mesh,)
+    shape, names = _mesh_shape(args)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.world)
     try:
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)

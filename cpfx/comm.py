@@ -42,7 +42,8 @@ def gathers_by_all_to_all(device_type: str, group_name: str) -> bool:
         return False
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return dist.get_backend(_resolve_process_group(group_name)) == "gloo"
+    # A group's name (torch's `GroupName` is a NewType of str that older torch lacks).
+    return dist.get_backend(_resolve_process_group(group_name)) == "gloo"  # type: ignore[arg-type]
 
 
 def all_gather_rows(

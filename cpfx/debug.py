@@ -9,12 +9,12 @@ import os
 import re
 import stat
 from pathlib import Path
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
 from cpfx.errors import ConfigError
+from cpfx.graph_utils import val
 
 if TYPE_CHECKING:
     from cpfx.mesh import MeshInfo
@@ -68,12 +68,13 @@ def sent_bytes(gm: fx.GraphModule, mesh: MeshInfo) -> list[tuple[str, str, int]]
     ring send/recv: the whole block."""
     out = []
     for n in collective_nodes(gm):
-        x = n.args[0].meta.get("val")
+        args: tuple[Any, ...] = n.args
+        x = val(args[0])
         nbytes = x.numel() * x.element_size()
         kind = collective_kind(n)
         g = _group_size(n, mesh)
         if "all_to_all" in kind:
-            in_splits = n.args[2]
+            in_splits = args[2]
             rows = x.shape[0]
             idx = mesh.ulysses_index if g == mesh.ulysses else mesh.cp_rank
             kept = in_splits[idx] if in_splits else rows // g

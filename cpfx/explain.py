@@ -11,13 +11,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 
 from cpfx.config import ParallelConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclasses.dataclass
@@ -67,7 +71,7 @@ class Report:
 
 def explain(
     model: torch.nn.Module,
-    mesh: Any = None,
+    mesh: DeviceMesh | None = None,
     config: ParallelConfig | None = None,
     *args: Any,
     world: int = 2,
@@ -140,7 +144,7 @@ def _describe(gm: fx.GraphModule, report: Report) -> None:
 
 
 @contextlib.contextmanager
-def fake_world(world: int):
+def fake_world(world: int) -> Iterator[bool]:
     """Use the initialized process group, or a fake one of `world` ranks for this call.
     Yields whether the group in use is a fake one (no real collectives can run on it)."""
     if dist.is_initialized():

@@ -149,8 +149,9 @@ def _refresh_example_values(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
             args = fx.node.map_aggregate(n.args, val)
             kwargs = fx.node.map_aggregate(n.kwargs, val)
             if n.op == "call_method":
-                v = getattr(args[0], n.target)(*args[1:], **kwargs)
+                v = getattr(args[0], str(n.target))(*args[1:], **kwargs)
             else:
+                assert callable(n.target), n.format_node()
                 v = n.target(*args, **kwargs)
             n.meta["example_value"] = v
             if "val" in n.meta:

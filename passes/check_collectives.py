@@ -76,10 +76,11 @@ def record(n: fx.Node, ctx: PassContext) -> list[int]:
         rec[_NDIM] = x.dim()
         for i, s in enumerate(tuple(x.shape)[:MAX_DIMS]):
             rec[_SHAPE + i] = int(s)
+    args: tuple[Any, ...] = n.args
     if "ring_send_recv" in str(n.target):
-        rec[_SEND], rec[_RECV] = int(n.args[1]), int(n.args[2])
+        rec[_SEND], rec[_RECV] = int(args[1]), int(args[2])
     elif "all_to_all" in collective_kind(n):
-        out_splits, in_splits = list(n.args[1] or ()), list(n.args[2] or ())
+        out_splits, in_splits = list(args[1] or ()), list(args[2] or ())
         for i, s in enumerate(in_splits[:w]):
             rec[_SPLITS + i] = int(s)
         for i, s in enumerate(out_splits[:w]):

@@ -58,7 +58,8 @@ def compare(
     `max_abs`, `rel_max` (max abs / max(1, max |ref|)), `rel_l2`, cpfx's `counters`, `shape`."""
     with torch.no_grad():
         ref = [r.float() for r in outputs(model(**kwargs))]
-    cpfx.parallelize(model, make_mesh(mesh_shape, mesh_names), cpfx.ParallelConfig(**(config or {})))
+    mesh = make_mesh(mesh_shape, mesh_names)
+    cpfx.parallelize(model, mesh, cpfx.ParallelConfig(**(config or {})))
     with torch.no_grad():
         for _ in range(calls):
             out = [o.float() for o in outputs(model(**kwargs))]
@@ -87,6 +88,4 @@ def parity(
     """`compare` for the tiny family `model` (`cpfx.testing.tiny`) in `dtype`."""
     fresh()
     m, kw = build(model, dtype=getattr(torch, dtype), **(model_kwargs or {}))
-    return compare(
-        m, kw, mesh_shape=mesh_shape, mesh_names=mesh_names, config=config, calls=calls
-    )
+    return compare(m, kw, mesh_shape=mesh_shape, mesh_names=mesh_names, config=config, calls=calls)

@@ -1,4 +1,4 @@
-"""Tiny random diffusers transformers of the seed model families, built offline and deterministically.
+"""Tiny random diffusers transformers of the seed model families, built offline, deterministically.
 
 `FAMILIES` is one table: per family, the diffusers class, its default sizes, the constructor config
 and the forward inputs as functions of the sizes. `build(name, **sizes)` is the one builder:
@@ -256,6 +256,7 @@ _IMAGE16 = {**_IMAGE, "h": 16, "w": 16}
 _VIDEO = {"frames": 2, **_IMAGE}
 _VIDEO16 = {"frames": 2, **_IMAGE16}
 
+# fmt: off
 FAMILIES: dict[str, Family] = {
     "flux": Family(
         "FluxTransformer2DModel",
@@ -264,7 +265,7 @@ FAMILIES: dict[str, Family] = {
             patch_size=1, in_channels=4, num_layers=s.layers, num_single_layers=s.single,
             **_heads(s), joint_attention_dim=32, pooled_projection_dim=32,
             axes_dims_rope=_rope3(s.head_dim),
-        ),  # fmt: skip
+        ),
         _flux_inputs,
     ),
     "flux_block": Family(
@@ -279,7 +280,7 @@ FAMILIES: dict[str, Family] = {
         lambda s: dict(
             patch_size=2, in_channels=16, out_channels=4, num_layers=s.layers, **_heads(s),
             joint_attention_dim=32, axes_dims_rope=_rope3(s.head_dim),
-        ),  # fmt: skip
+        ),
         _qwen_inputs,
     ),
     "wan": Family(
@@ -307,7 +308,7 @@ FAMILIES: dict[str, Family] = {
             patch_size=1, in_channels=16, num_layers=s.layers, num_single_layers=s.single,
             **_heads(s), joint_attention_dim=32, timestep_guidance_channels=32,
             axes_dims_rope=(s.head_dim // 4,) * 4, guidance_embeds=True,
-        ),  # fmt: skip
+        ),
         _flux2_inputs,
     ),
     "ltx": Family(
@@ -316,7 +317,7 @@ FAMILIES: dict[str, Family] = {
         lambda s: dict(
             in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, **_heads(s),
             cross_attention_dim=s.heads * s.head_dim, num_layers=s.layers, caption_channels=32,
-        ),  # fmt: skip
+        ),
         _ltx_inputs,
     ),
     "hunyuan_video": Family(
@@ -327,7 +328,7 @@ FAMILIES: dict[str, Family] = {
             num_single_layers=s.single, num_refiner_layers=1, patch_size=2, patch_size_t=1,
             guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
             rope_axes_dim=(4, 6, 6),
-        ),  # fmt: skip
+        ),
         _hunyuan_video_inputs,
     ),
     "hunyuan_image": Family(
@@ -337,7 +338,7 @@ FAMILIES: dict[str, Family] = {
             in_channels=4, out_channels=4, **_heads(s), num_layers=s.layers,
             num_single_layers=s.single, num_refiner_layers=1, patch_size=(1, 1),
             text_embed_dim=32, rope_axes_dim=(s.head_dim // 2, s.head_dim // 2),
-        ),  # fmt: skip
+        ),
         lambda s, g: {
             "hidden_states": _randn(g, 1, 4, s.h, s.w),
             "timestep": torch.tensor([500.0]),
@@ -385,7 +386,7 @@ FAMILIES: dict[str, Family] = {
             all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=s.heads * s.head_dim,
             n_layers=s.layers, n_refiner_layers=1, n_heads=s.heads, n_kv_heads=s.heads,
             cap_feat_dim=32, axes_dims=list(_rope3(s.head_dim)), axes_lens=[64, 32, 32],
-        ),  # fmt: skip
+        ),
         lambda s, g: {
             "x": [_randn(g, 4, 1, s.h, s.w)],  # 8 x 8 = 64 tokens
             "t": torch.tensor([0.5]),
@@ -399,7 +400,7 @@ FAMILIES: dict[str, Family] = {
             patch_size=1, in_channels=16, out_channels=16, num_layers=s.layers,
             num_single_layers=s.single, **_heads(s), joint_attention_dim=32,
             axes_dims_rope=_rope3(s.head_dim),
-        ),  # fmt: skip
+        ),
         lambda s, g: {
             "hidden_states": _randn(g, 1, s.h * s.w, 16),
             "encoder_hidden_states": _text(s, g),
@@ -410,6 +411,7 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 """Every model family cpfx is tested on, by name."""
+# fmt: on
 
 NAMES = sorted(FAMILIES)
 EXTRA = sorted(set(FAMILIES) - {"flux", "qwen", "wan", "flux_block"})
@@ -431,7 +433,8 @@ def build(
     fam = FAMILIES[name]
     unknown = sorted(set(sizes) - set(fam.sizes))
     if unknown:
-        raise TypeError(f"tiny.build({name!r}): unknown sizes {unknown}; known: {sorted(fam.sizes)}")
+        known = sorted(fam.sizes)
+        raise TypeError(f"tiny.build({name!r}): unknown sizes {unknown}; known: {known}")
     s = Sizes(**{**fam.sizes, **sizes})
     cls = fam.cls
     if isinstance(cls, str):
@@ -473,7 +476,7 @@ def flux_pipeline(transformer: torch.nn.Module) -> Any:
         shift_factor=0.0,
         scaling_factor=1.0,
     )
-    pipe = FluxPipeline(
+    pipe: Any = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=None,

@@ -69,8 +69,9 @@ class OpCall:
         return self.kwargs.get(name, default)
 
     @property
-    def sharded(self) -> list[Operand]:
-        return [o for o in self.operands if o.shard is not None]
+    def sharded(self) -> list[tuple[Operand, Shard]]:
+        """The sharded operands, each with its sharding."""
+        return [(o, o.placement) for o in self.operands if isinstance(o.placement, Shard)]
 
     def keep(self) -> tuple[Placement, ...]:
         """Every operand as it is."""
@@ -125,6 +126,12 @@ def n_outputs(call: OpCall) -> int | None:
     return len(call.out) if isinstance(call.out, list) else None
 
 
+def out_shapes(call: OpCall) -> list[tuple[int, ...]]:
+    """The output shapes of a multi-output op."""
+    assert isinstance(call.out, list), call.out
+    return call.out
+
+
 def all_replicated(call: OpCall, rule: str = "gather") -> Decision:
     """The safe answer: every operand gathered, every output replicated."""
     k = n_outputs(call)
@@ -135,9 +142,9 @@ def all_replicated(call: OpCall, rule: str = "gather") -> Decision:
 def decide(call: OpCall) -> Decision:
     """The decision for one op call (see the module doc)."""
     if not call.sharded:
-        d = all_replicated(call, rule="replicated")
-        d.needs = call.keep()
-        return d
+        keep = all_replicated(call, rule="replicated")
+        keep.needs = call.keep()
+        return keep
     rule = rule_for(call.target)
     d = rule(call) if rule is not None else None
     if d is None:

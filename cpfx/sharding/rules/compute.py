@@ -6,7 +6,7 @@ rule here: its operand is gathered, so every rank reduces over all tokens, as th
 from __future__ import annotations
 
 from cpfx.sharding.placement import REPLICATE, Shard
-from cpfx.sharding.rules import Decision, OpCall, aten, n_outputs, norm_dim, register
+from cpfx.sharding.rules import Decision, OpCall, Operand, aten, n_outputs, norm_dim, register
 
 
 def _rows(call: OpCall, x_index: int, contract: int) -> Decision | None:
@@ -22,7 +22,7 @@ def _rows(call: OpCall, x_index: int, contract: int) -> Decision | None:
     return Decision(needs, x.placement if k is None else tuple(x.placement for _ in range(k)))
 
 
-def contract_dims(x, last: int) -> range:
+def contract_dims(x: Operand, last: int) -> range:
     """The trailing `last` dims of x."""
     return range(x.ndim - last, x.ndim)
 
@@ -63,7 +63,7 @@ def addmm(call: OpCall) -> Decision | None:
     return Decision((bias_need, REPLICATE, b.placement), b.placement)
 
 
-def _bmm(a, b) -> Decision | None:
+def _bmm(a: Operand, b: Operand) -> Decision | None:
     """[Bt, M, K] @ [Bt, K, N]: token-wise in the batch, the rows of a, or the columns of b."""
     for x in (a, b):
         if x.shard is not None and x.shard.dim == 0:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import cpfx
 from cpfx.testing.launch import Pool
-from cpfx.testing.parity import fresh, make_mesh
+from cpfx.testing.parity import divergence, fresh, make_mesh
 from cpfx.testing.tiny import build
 from tests.graphs import fake_world
 
@@ -167,12 +167,7 @@ def diverging_graphs(timeout_s: float = 60.0) -> str:
     rotate = "allgather" if dist.get_rank() == 1 else "p2p"
     cfg = cpfx.ParallelConfig(ring_rotate=rotate, timeout_s=timeout_s)
     cpfx.parallelize(m, make_mesh(names=("ring",)), cfg)
-    try:
-        with torch.no_grad():
-            m(**kw)
-    except cpfx.RankDivergenceError as e:
-        return f"RankDivergenceError: {e}"
-    return "no error"
+    return divergence(m, kw)
 
 
 def rank_dies(timeout_s: float = 20.0) -> str:

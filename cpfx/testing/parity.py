@@ -76,6 +76,17 @@ def compare(
     }
 
 
+def divergence(model: torch.nn.Module, kwargs: dict[str, Any]) -> str:
+    """Call a parallelized `model(**kwargs)` without gradients: "no error", or the
+    `cpfx.RankDivergenceError` it raised, as "RankDivergenceError: <message>"."""
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except cpfx.RankDivergenceError as e:
+        return f"RankDivergenceError: {e}"
+    return "no error"
+
+
 def parity(
     model: str,
     mesh_shape: Sequence[int] | None = None,

@@ -231,6 +231,13 @@ def _cogvideox_init(s: Sizes, **extra: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _hunyuan_init(s: Sizes, **extra: Any) -> dict[str, Any]:
+    return dict(
+        in_channels=4, out_channels=4, **_heads(s), num_layers=s.layers,
+        num_single_layers=s.single, num_refiner_layers=1, text_embed_dim=32, **extra,
+    )  # fmt: skip
+
+
 def _cogview_init(s: Sizes, **extra: Any) -> dict[str, Any]:
     return dict(
         patch_size=2, in_channels=4, out_channels=4, num_layers=s.layers, **_heads(s),
@@ -323,10 +330,8 @@ FAMILIES: dict[str, Family] = {
     "hunyuan_video": Family(
         "HunyuanVideoTransformer3DModel",
         {**_VIDEO16, "layers": 1, "single": 1},
-        lambda s: dict(
-            in_channels=4, out_channels=4, **_heads(s), num_layers=s.layers,
-            num_single_layers=s.single, num_refiner_layers=1, patch_size=2, patch_size_t=1,
-            guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+        lambda s: _hunyuan_init(
+            s, patch_size=2, patch_size_t=1, guidance_embeds=True, pooled_projection_dim=16,
             rope_axes_dim=(4, 6, 6),
         ),
         _hunyuan_video_inputs,
@@ -334,10 +339,8 @@ FAMILIES: dict[str, Family] = {
     "hunyuan_image": Family(
         "HunyuanImageTransformer2DModel",
         {**_IMAGE, "layers": 1, "single": 1},
-        lambda s: dict(
-            in_channels=4, out_channels=4, **_heads(s), num_layers=s.layers,
-            num_single_layers=s.single, num_refiner_layers=1, patch_size=(1, 1),
-            text_embed_dim=32, rope_axes_dim=(s.head_dim // 2, s.head_dim // 2),
+        lambda s: _hunyuan_init(
+            s, patch_size=(1, 1), rope_axes_dim=(s.head_dim // 2, s.head_dim // 2)
         ),
         lambda s, g: {
             "hidden_states": _randn(g, 1, 4, s.h, s.w),

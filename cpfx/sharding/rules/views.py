@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from cpfx.sharding.rules import (
     Decision,
     OpCall,
     Operand,
+    Rule,
     aten,
     norm_dim,
     out_shape,
@@ -86,21 +87,22 @@ def _local_shape(shape: Sequence[int], dim: int, layout: Layout, rank: int) -> l
     return local
 
 
-def _one(call: OpCall) -> tuple[Operand, Shard] | None:
-    """The single operand and its sharding, if the op has exactly one tensor operand and it is
-    sharded."""
-    if len(call.operands) != 1:
-        return None
-    x = call.operands[0]
-    return (x, x.placement) if isinstance(x.placement, Shard) else None
+def one_sharded(fn: Callable[[OpCall, Operand, Shard], Decision | None]) -> Rule:
+    """A rule for ops with a single tensor operand: `fn(call, x, x's Shard)`, called only when
+    that operand is sharded (otherwise no rule applies)."""
+
+    @functools.wraps(fn)
+    def rule(call: OpCall) -> Decision | None:
+        if len(call.operands) != 1 or not isinstance(call.operands[0].placement, Shard):
+            return None
+        return fn(call, call.operands[0], call.operands[0].placement)
+
+    return rule
 
 
 @register(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def view(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def view(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     out = out_shape(call)
     got = view_layout(x.shape, out, sh.dim, sh.layout)
     if got is None:
@@ -113,11 +115,8 @@ def view(call: OpCall) -> Decision | None:
 
 
 @register(aten.expand.default)
-def expand(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def expand(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     sizes = list(call.arg(1, "size"))
     od = sh.dim + len(sizes) - x.ndim
     if sizes[od] not in (-1, x.shape[sh.dim]):
@@ -128,22 +127,16 @@ def expand(call: OpCall) -> Decision | None:
 
 
 @register(aten.unsqueeze.default)
-def unsqueeze(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def unsqueeze(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     k = norm_dim(call.arg(1, "dim"), x.ndim + 1)
     d = sh.dim
     return Decision((x.placement,), Shard(d + (k <= d), sh.layout))
 
 
 @register(aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims)
-def squeeze(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def squeeze(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dims = call.arg(1, "dim", None)
     if dims is None:
         dims = range(x.ndim)
@@ -164,21 +157,15 @@ def squeeze(call: OpCall) -> Decision | None:
 
 
 @register(aten.permute.default)
-def permute(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def permute(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     perm = [norm_dim(p, x.ndim) for p in call.arg(1, "dims")]
     return Decision((x.placement,), Shard(perm.index(sh.dim), sh.layout))
 
 
 @register(aten.transpose.int, aten.t.default)
-def transpose(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def transpose(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     if call.target == aten.t.default:
         d0, d1 = 0, min(1, x.ndim - 1)
     else:
@@ -188,12 +175,12 @@ def transpose(call: OpCall) -> Decision | None:
 
 
 @register(aten.view_as_complex.default)
-def view_as_complex(call: OpCall) -> Decision | None:
+@one_sharded
+def view_as_complex(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     """[..., 2] real -> [...] complex: every dim but the last keeps its place."""
-    one = _one(call)
-    if one is None or one[1].dim == one[0].ndim - 1:
+    if sh.dim == x.ndim - 1:
         return None
-    return Decision((one[1],), one[1], target=_complex_local)
+    return Decision((sh,), sh, target=_complex_local)
 
 
 def _complex_local(x: torch.Tensor) -> torch.Tensor:
@@ -202,20 +189,14 @@ def _complex_local(x: torch.Tensor) -> torch.Tensor:
 
 
 @register(aten.view_as_real.default)
-def view_as_real(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def view_as_real(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     return Decision((x.placement,), x.placement)
 
 
 @register(aten.select.int)
-def select(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def select(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dim, d = norm_dim(call.arg(1, "dim"), x.ndim), sh.dim
     if dim == d:
         return None  # one token: it lives on one rank
@@ -236,11 +217,8 @@ def local_slice(x: torch.Tensor, dim: int, runs: list[tuple[int, int]]) -> torch
 
 
 @register(aten.slice.Tensor)
-def slice_(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def slice_(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dim, d = norm_dim(call.arg(1, "dim", 0), x.ndim), sh.dim
     if dim != d:
         return Decision((x.placement,), x.placement)
@@ -261,11 +239,8 @@ def local_split(x: torch.Tensor, dim: int, runs: list[list[tuple[int, int]]]) ->
 
 
 @register(aten.split.Tensor, aten.split_with_sizes.default)
-def split(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def split(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dim, d = norm_dim(call.arg(2, "dim", 0), x.ndim), sh.dim
     k = len(out_shapes(call))
     if dim != d:
@@ -295,11 +270,8 @@ def split(call: OpCall) -> Decision | None:
 
 
 @register(aten.unbind.int)
-def unbind(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def unbind(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dim, d = norm_dim(call.arg(1, "dim", 0), x.ndim), sh.dim
     if dim == d:
         return None
@@ -332,11 +304,8 @@ def stack(call: OpCall) -> Decision | None:
 
 
 @register(aten.constant_pad_nd.default)
-def constant_pad_nd(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def constant_pad_nd(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     pad = list(call.arg(1, "pad"))
     d = sh.dim
     i = 2 * (x.ndim - 1 - d)
@@ -353,11 +322,8 @@ def constant_pad_nd(call: OpCall) -> Decision | None:
 
 
 @register(aten.repeat.default)
-def repeat(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def repeat(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     reps = list(call.arg(1, "repeats"))
     od = sh.dim + len(reps) - x.ndim
     if reps[od] != 1:
@@ -366,11 +332,8 @@ def repeat(call: OpCall) -> Decision | None:
 
 
 @register(aten.flip.default)
-def flip(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def flip(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dims = [norm_dim(k, x.ndim) for k in call.arg(1, "dims")]
     d = sh.dim
     if d not in dims:
@@ -379,11 +342,8 @@ def flip(call: OpCall) -> Decision | None:
 
 
 @register(aten.roll.default)
-def roll(call: OpCall) -> Decision | None:
-    one = _one(call)
-    if one is None:
-        return None
-    x, sh = one
+@one_sharded
+def roll(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dims = call.arg(2, "dims", ())
     dims = [norm_dim(k, x.ndim) for k in ([dims] if isinstance(dims, int) else dims)]
     if not dims or sh.dim in dims:

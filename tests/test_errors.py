@@ -216,9 +216,7 @@ def different_inputs() -> str:
 
     fresh()
     m, kw = build("flux", seed=dist.get_rank())  # rank-dependent inputs: a user error
-    cpfx.parallelize(
-        m, make_mesh(), cpfx.ParallelConfig(check_inputs=True)
-    )
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(check_inputs=True))
     try:
         with torch.no_grad():
             m(**kw)
@@ -233,9 +231,7 @@ def ring_leaves_nothing_pending() -> int:
 
     fresh()
     m, kw = build("flux")
-    cpfx.parallelize(
-        m, make_mesh(names=("ring",)), cpfx.ParallelConfig(ring_rotate="p2p")
-    )
+    cpfx.parallelize(m, make_mesh(names=("ring",)), cpfx.ParallelConfig(ring_rotate="p2p"))
     with torch.no_grad():
         m(**kw)
     return len(p2p._pending_sends)
@@ -258,4 +254,3 @@ def gather_both_ways() -> dict[str, float]:
         out[device_type] = (got - want).abs().max().item()
     out["routed"] = comm.gathers_by_all_to_all("cuda", group)
     return out
-

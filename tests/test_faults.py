@@ -120,13 +120,13 @@ def test_killed_rank_gives_communication_error(config, where):
     assert "re-create the process group" in res["second"] and res["second_s"] < 0.5, res
 
 
-
 def test_pool_refuses_a_task_it_cannot_send(pools):
     """A lambda cannot travel by name: refused at once (the queue's feeder thread would only log
     it, and the caller would wait for the timeout)."""
     with pytest.raises(TypeError, match="module-level functions"):
         pools(2).run(lambda: 1, timeout=5)
     assert pools(2).run(_proc_counts)[0][0] > 0  # the pool is still usable
+
 
 # --- tasks run by every rank of a gloo pool --------------------------------------------------
 
@@ -341,4 +341,3 @@ def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -
             out[call] = f"{type(e).__name__}: {e}"
         out[call + "_s"] = time.perf_counter() - t0
     return out
-

@@ -30,9 +30,7 @@ def test_ulysses(pools, model, world):
 @pytest.mark.parametrize("model", MODELS)
 def test_ring(pools, model, world, rotate):
     res = check(
-        pools(world).run(
-            parity, model=model, mesh_names=("ring",), config={"ring_rotate": rotate}
-        )
+        pools(world).run(parity, model=model, mesh_names=("ring",), config={"ring_rotate": rotate})
     )
     assert res["counters"]["lower_attention"][f"ring_{rotate}"] >= 2
 

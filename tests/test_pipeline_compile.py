@@ -89,4 +89,3 @@ def compiled(mode: str, mesh_name: str = "ulysses", fp8: bool = False) -> dict[s
         "lowered": sum(cpfx.counters["lower_attention"].values()),
         "fp8_ops": sum(cpfx.counters["fp8_comm"].values()),
     }
-

@@ -163,7 +163,6 @@ def test_recompile_limit_is_an_error_with_dynamo_reason():
         assert len(m._cpfx.graphs) == n == 2
 
 
-
 def test_diagnose_names_the_recompile_and_its_reason():
     torch._dynamo.reset()
     m, kw = build("flux")
@@ -177,6 +176,7 @@ def test_diagnose_names_the_recompile_and_its_reason():
     assert "size mismatch" in second.recompile_reason, second
     assert d.recompiles == 1 and "recompiled because: " in str(d)
     assert [s.call for s in d.signatures] == [1, 2]
+
 
 def test_attention_counted_once_per_signature_and_strict():
     torch._dynamo.reset()
@@ -569,4 +569,3 @@ def cache_dit_pipeline(mode: str = "model", steps: int = 8) -> dict[str, Any]:
         "first_call": (reports[0].parallel, reports[0].outside_total),
         "block_calls": [b._cpfx.calls for b in blocks] if mode == "blocks" else None,
     }
-

@@ -31,21 +31,13 @@ def test_flux_1023_plus_77_tokens(pools, world):
 )
 def test_heads_not_divisible(pools, world, heads, mode):
     kw = {"heads": heads, "img": 64, "txt": 8}
-    check(
-        pools(world).run(
-            parity, model="flux", model_kwargs=kw, config={"head_padding": mode}
-        )
-    )
+    check(pools(world).run(parity, model="flux", model_kwargs=kw, config={"head_padding": mode}))
 
 
 def test_uneven_heads_and_sequence_together(pools):
     kw = {"heads": 7, "img": 61, "txt": 7}
     check(pools(4).run(parity, model="flux", model_kwargs=kw))
-    check(
-        pools(4).run(
-            parity, model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}
-        )
-    )
+    check(pools(4).run(parity, model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}))
 
 
 @pytest.mark.parametrize("rotate", ["p2p", "allgather"])
@@ -83,9 +75,7 @@ def test_usp_uneven_sequence_and_heads(pools):
 
 
 def test_wan_uneven(pools):
-    check(
-        pools(3).run(parity, model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4})
-    )
+    check(pools(3).run(parity, model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4}))
 
 
 def test_bytes_padded_vs_padding_free():
@@ -156,4 +146,3 @@ def gqa_parity(
         out = m(x, mask)
     assert cpfx.counters["shard_tokens"]["attention_sharded"] == 1
     return (out - ref).abs().max().item()
-

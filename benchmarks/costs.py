@@ -15,13 +15,13 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
+from _common import environment, parser, write_json
 
-from cpfx.measure import median_time, peak_bytes, spawn_ranks
+from cpfx.measure import median_time, peak_bytes
+from cpfx.testing.launch import spawn_ranks
 
 FLUX = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
 QUICK = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
@@ -45,8 +45,9 @@ def formula(kind, s, n, b=1, h=4, d=64, el=4, blocks=2, fp8=False, r=2):
 
 
 def bytes_table(cfg):
-    from cpfx import ParallelConfig, tiny
+    from cpfx import ParallelConfig
     from cpfx.explain import explain
+    from cpfx.testing import tiny
 
     s = cfg["img"] + cfg["txt"]
     blocks = cfg["layers"] + cfg["single"]
@@ -92,7 +93,7 @@ def _rank(rank, world, q, cfg, repeats):
     from torch.distributed.device_mesh import init_device_mesh
 
     import cpfx
-    from cpfx import tiny
+    from cpfx.testing import tiny
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m, kw = tiny.build("flux", **cfg)
@@ -126,8 +127,8 @@ def overhead(cfg, world, repeats):
     import importlib
 
     import cpfx
-    from cpfx import tiny
     from cpfx.explain import fake_world
+    from cpfx.testing import tiny
 
     be_mod = importlib.import_module("cpfx.backend")
     rec = {"stub": False}
@@ -165,7 +166,7 @@ def overhead(cfg, world, repeats):
 
 
 def single(cfg, repeats):
-    from cpfx import tiny
+    from cpfx.testing import tiny
 
     m, kw = tiny.build("flux", **cfg)
     best = None
@@ -194,14 +195,13 @@ def single(cfg, repeats):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--json")
+    p = parser(__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worlds", default="2,4")
     args = p.parse_args()
     cfg = QUICK if args.quick else FLUX
-    out = {"config": cfg, "bytes": bytes_table(cfg)}
+    out = {"environment": environment(), "config": cfg, "bytes": bytes_table(cfg)}
     print(f"{'strategy':<14}{'N':>3}  {'dtype':<16}{'counted MB':>12}{'formula MB':>12}")
     for r in out["bytes"]:
         print(
@@ -230,9 +230,7 @@ def main():
             f"      peak during a forward per rank: {peaks} MB "
             f"({max(r['peak_MB_per_rank']) / s['peak_MB']:.2f}x of the single process)"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,15 @@ run. A 2+2-block model is timed too (the pass time should not grow with depth in
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
 import torch
+from _common import environment, parser, write_json
 
 import cpfx
 from cpfx.explain import fake_world
-from cpfx.tiny import flux
+from cpfx.testing.tiny import build
 
 _pass_s = [0.0]
 
@@ -41,7 +40,7 @@ def _count_pass_time() -> None:
 
 
 def _inputs(img: int, txt: int, layers: int, single: int):
-    return flux(img=img, txt=txt, heads=2, head_dim=16, layers=layers, single=single)
+    return build("flux", img=img, txt=txt, heads=2, head_dim=16, layers=layers, single=single)
 
 
 def measure(mode: str, layers: int, single: int, img: int, txt: int) -> dict[str, float]:
@@ -75,11 +74,10 @@ def measure(mode: str, layers: int, single: int, img: int, txt: int) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--blocks", default="19,38", help="double,single blocks of the deep model")
     ap.add_argument("--img", type=int, default=256)
     ap.add_argument("--txt", type=int, default=16)
-    ap.add_argument("--json")
     a = ap.parse_args()
     layers, single = (int(x) for x in a.blocks.split(","))
     _count_pass_time()
@@ -99,8 +97,7 @@ def main() -> None:
               f"= {r['new_size_s'] / r['first_s']:.2f}; passes {deep} / 2+2 = "
               f"{r['first_passes_s'] / max(rows[f'{mode} 2+2']['first_passes_s'], 1e-9):.2f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.json, {"environment": environment(), "rows": rows})
 
 
 if __name__ == "__main__":

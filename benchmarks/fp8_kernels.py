@@ -15,7 +15,6 @@ Without CUDA it prints that it needs CUDA and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from _common import parser, write_json
 from torch import Tensor
 
 from cpfx.kernels import fp8
@@ -55,8 +55,7 @@ class Result:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p = parser(__doc__)
     p.add_argument(
         "--shapes", nargs="+", default=["1,24,4096,128", "1,24,16384,128"], help="B,H,S,D"
     )
@@ -66,7 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--sweep", action="store_true", help="also time rows x num_warps variants")
-    p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     return p.parse_args(argv)
 
 
@@ -226,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_shape(shape, args, copy)  # type: ignore[arg-type]
     print_table(results)
     print("check: Triton == reference (bytes and values) on every shape: OK")
-    if args.json:
-        meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__}
-        meta |= {"copy_gbps": copy, "peak_gbps": args.peak_gbps}
-        with open(args.json, "w") as f:
-            json.dump({**meta, "results": [asdict(r) for r in results]}, f, indent=1)
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__}
+    meta |= {"copy_gbps": copy, "peak_gbps": args.peak_gbps}
+    write_json(args.json, {**meta, "results": [asdict(r) for r in results]})
     return 0
 
 

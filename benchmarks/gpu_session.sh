@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU check of this project in one device call (about 9 minutes on one H200; it ran on
-# 2026-11-27 in three calls):
-# the overlap benchmark (eager and inductor), the performance model's GPU parts and the GPU tests.
-# One log (session.log) and five JSON files go to $OUT (the device tool returns at most 8 files).
-# The GPU image has torch, triton and most of diffusers' needs, but not diffusers.
+# Every GPU check of cpfx in one script, about 9 minutes on one H200: the overlap benchmark (eager
+# and inductor), the performance model's GPU parts and the GPU tests. Writes a log (gpu.log) and
+# five JSON files to $OUT (default /tmp/cpfx-gpu-out); dated results are in benchmarks/RESULTS.md.
 #
-# Prepare here, once per session (wheels are ignored by git, carried by the device tool):
-#   echo /.whl/ >> .git/info/exclude
+# Needs one CUDA GPU, torch and triton. cpfx is installed into /tmp/site, together with any
+# wheels found in .whl/: on a machine without a package index, bring diffusers that way, e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       diffusers==0.42.1 importlib_metadata==8.7.0
-# Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Run from the repository root: bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/cpfx-gpu-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+fi
 python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-LOG=$OUT/session.log
+LOG=$OUT/gpu.log
 exec > >(tee -a "$LOG") 2>&1
 nvidia-smi -L
 python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"

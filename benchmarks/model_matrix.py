@@ -1,18 +1,15 @@
 """Model x strategy matrix on gloo ranks: measured max abs difference vs the single process.
 
-    python benchmarks/model_matrix.py [--json out.json]     # prints a markdown table
+    python benchmarks/model_matrix.py [--models flux,qwen] [--json out.json]   # a markdown table
 
-Runs from the repository root (uses the test pool and the tiny model builders in tests/).
+Every tiny family of `cpfx.testing.tiny` under each strategy, on a pool of local gloo ranks
+(`cpfx.testing.launch.Pool`), each rank comparing with its own single-process output
+(`cpfx.testing.parity`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import environment, parser, write_json
 
 CASES = {
     "Ulysses N=2": dict(world=2),
@@ -24,12 +21,12 @@ CASES = {
 
 
 def main() -> None:
-    from cpfx.tiny import BUILDERS
-    from tests.pool import Pool
+    from cpfx.testing.launch import Pool
+    from cpfx.testing.parity import parity
+    from cpfx.testing.tiny import NAMES
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--json")
-    p.add_argument("--models", default=",".join(sorted(BUILDERS)))
+    p = parser(__doc__)
+    p.add_argument("--models", default=",".join(NAMES))
     args = p.parse_args()
     models = args.models.split(",")
     pools: dict[int, Pool] = {}
@@ -41,7 +38,7 @@ def main() -> None:
             pool = pools.setdefault(world, Pool(world))
             for m in models:
                 try:
-                    res = pool.run("tests.tasks:parity", model=m, **kw)[0]
+                    res = pool.run(parity, model=m, **kw)[0]
                     key = "rel_l2" if "FP8" in case else "max_abs"
                     table[m][case] = f"{res[key]:.1e}"
                 except Exception as e:  # noqa: BLE001 - a failure is a result
@@ -54,8 +51,7 @@ def main() -> None:
     print("|---|" + "---|" * len(CASES))
     for m in models:
         print(f"| {m} | " + " | ".join(table[m].get(c, "") for c in CASES) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
+    write_json(args.json, {"environment": environment(), "table": table})
 
 
 if __name__ == "__main__":

@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import torch
+from _common import parser, write_json
 
-from cpfx.measure import spawn_ranks
+from cpfx.testing.launch import spawn_ranks
 
 
 def build(args: argparse.Namespace, device: str):
     """Tiny Flux with one block of the chosen kind (plus its embedders and output projection), in
     `--dtype` on `device`."""
-    from cpfx import tiny
+    from cpfx.testing import tiny
 
     return tiny.build(
         "flux",
@@ -103,7 +103,7 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--block", choices=["single", "double"], default="single")
     p.add_argument("--tokens", type=int, default=4096, help="image tokens")
@@ -117,7 +117,6 @@ def main() -> None:
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--compile", action="store_true", help="ParallelConfig(compile=True): inductor")
-    p.add_argument("--json")
     args = p.parse_args()
 
     block, inputs = build(args, args.device)
@@ -140,9 +139,7 @@ def main() -> None:
             f"{r['max_abs_vs_single'][name]:.2e}"
         )
     print(f"  overlapped / in_order = {med['overlapped'] / med['in_order']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+    write_json(args.json, r)
 
 
 if __name__ == "__main__":

@@ -29,16 +29,16 @@ Part 3, CUDA only: part 1's per-rank compute on this GPU (FLUX.1-dev-sized block
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import statistics
 import time
 
 import torch
+from _common import parser, write_json
 
-from cpfx.measure import median_time, spawn_ranks
+from cpfx.measure import median_time
+from cpfx.testing.launch import spawn_ranks
 
 CPU_CFG = dict(img=2048, txt=256, heads=4, head_dim=64, layers=2, single=2)
 GPU_CFG = dict(img=4096, txt=512, heads=24, head_dim=128, layers=1, single=2)  # FLUX 1:2
@@ -46,7 +46,7 @@ QUICK_CFG = dict(img=512, txt=64, heads=4, head_dim=32, layers=1, single=1)
 
 
 def build(cfg, device, dtype):
-    from cpfx import tiny
+    from cpfx.testing import tiny
 
     return tiny.build("flux", device=device, dtype=dtype, **cfg)
 
@@ -309,7 +309,7 @@ def host_floor(worlds, repeats=300):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--worlds", default=None, help="default: 2 on CPU, 2,4,8 on CUDA")
     p.add_argument("--repeats", type=int, default=5)
@@ -331,7 +331,6 @@ def main():
         action="store_true",
         help="only the host-overhead floor: tiny sizes on CPU, single process vs a rank's graph",
     )
-    p.add_argument("--json")
     args = p.parse_args()
     if args.host:
         res = host_floor([int(w) for w in (args.worlds or "2,8").split(",")])
@@ -341,9 +340,7 @@ def main():
         )
         for k, v in res.items():
             print(f"  {k[:-3]:<14}" + "".join(f"{t:8.2f}" for t in v))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+        write_json(args.json, res)
         return
     cfg = QUICK_CFG if args.quick else (GPU_CFG if args.device == "cuda" else CPU_CFG)
     out = {"config": cfg, "device": args.device, "compile": args.compile}
@@ -416,9 +413,7 @@ def main():
             f"{r['link_GBps']:>7.1f} {r['link'][:4]}{r['model_bf16_s']:>14.2f}{r['model_bf16_overlap_bound_s']:>15.2f}"
             f"{r['model_fp8_s']:>13.2f}{r['seed_s'] or float('nan'):>8.2f}"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -49,18 +49,19 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from _common import parser, write_json
 
 WORLD = 2
 TOL = 1e-4  # float32: max abs diff above this is reported as WRONG
 COLL_TIMEOUT = 120.0  # set from --coll-timeout in the ranks
 
-# name -> (cpfx.tiny builder kwargs for the full run, for --quick)
+# name -> (cpfx.testing.tiny sizes for the full run, for --quick)
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "flux": (
         {"img": 2048, "txt": 256, "heads": 4, "head_dim": 64, "layers": 2, "single": 2},
         {"img": 256, "txt": 32, "heads": 4, "head_dim": 32, "layers": 1, "single": 1},
     ),
-    # Qwen-Image: h*w image tokens + txt text tokens; cpfx.tiny's mask has a hole inside the
+    # Qwen-Image: h*w image tokens + txt text tokens; cpfx.testing.tiny's mask has a hole inside the
     # prompt and padding at its end.
     "qwen": (
         {"h": 48, "w": 48, "txt": 64, "heads": 4, "head_dim": 64, "layers": 2},
@@ -109,9 +110,9 @@ def tokens_of(name: str, kw: dict[str, Any]) -> str:
 
 
 def build(name: str, kw: dict[str, Any]):
-    import cpfx.tiny
+    from cpfx.testing import tiny
 
-    return cpfx.tiny.build(name, **kw)
+    return tiny.build(name, **kw)
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -458,9 +459,7 @@ def table(name: str, kw: dict[str, Any], single: dict[str, Any], res: dict[str, 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--models", default="flux,qwen,wan", help="comma list of flux,qwen,wan")
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma list of " + ",".join(METHODS)
@@ -469,7 +468,6 @@ def main() -> int:
         "--repeats", type=int, default=None, help="timed forwards per method (default 5, quick 3)"
     )
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    p.add_argument("--json", default=None, help="write the results to this path")
     p.add_argument("--coll-timeout", type=float, default=120.0, help="gloo collective timeout (s)")
     p.add_argument(
         "--deadline", type=float, default=1500.0, help="kill the ranks after this many s"
@@ -684,10 +682,7 @@ def main() -> int:
         f"total {out_json['wall_s']:.0f} s; load avg at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}"
         " (timings on a shared 2-core VM are load-sensitive: compare ratios from the same run)"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out_json, f, indent=1, default=str)
-        print("wrote", args.json)
+    write_json(args.json, out_json)
     return 0
 
 

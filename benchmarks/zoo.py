@@ -21,7 +21,6 @@ including cpfx's `shard_tokens` / `lower_attention` counters and the first error
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import datetime
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import parser, write_json
 from torch.overrides import TorchFunctionMode
 
 TOL = 1e-5
@@ -475,10 +475,9 @@ def main() -> None:
 
     from cpfx.testing import zoo
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--json", help="write every result here")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per job (default 300)")
     args = p.parse_args()
     names = args.cases.split(",") if args.cases else [c.name for c in zoo.CASES]
@@ -502,8 +501,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     print(report(results, strategies, meta))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
+    write_json(args.json, {"meta": meta, "cases": results})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import functools
 import itertools
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 from torch._dynamo.exc import BackendCompilerFailed
@@ -15,6 +15,9 @@ from torch._dynamo.exc import BackendCompilerFailed
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.errors import ConfigError, CpfxError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ same models in the same order; names dump folders and pairs up the per-call chec
 
 
 def parallelize(
-    model: nn.Module, mesh: Any = None, config: ParallelConfig | None = None
+    model: nn.Module, mesh: DeviceMesh | None = None, config: ParallelConfig | None = None
 ) -> nn.Module:
     """Run `model` context-parallel over `mesh` (default: 1-D Ulysses over the whole group).
 
@@ -52,7 +55,7 @@ def parallelize(
         config = dataclasses.replace(config, dump_dir=model_dir)
     be = backend(mesh, config)
     runtime = Runtime(model, be, config, ordinal)
-    model._cpfx = runtime  # type: ignore[attr-defined]
+    model._cpfx = runtime  # type: ignore[assignment]  # nn.Module types attributes as tensors
     if runtime.info.world == 1:
         log.info("cpfx: one rank: %s runs as it is (nothing to parallelize)", type(model).__name__)
         return model
@@ -67,7 +70,7 @@ def parallelize(
         return runtime.call(compiled, args, kwargs)
 
     runtime.compiled = compiled
-    model._compiled_call_impl = call  # type: ignore[assignment]
+    model._compiled_call_impl = call
     return model
 
 
@@ -122,5 +125,5 @@ def unwrap_errors(fn: Any) -> Any:
 
 def sent_bytes_per_call(model: nn.Module) -> int:
     """Bytes this rank sends in one forward of a parallelized model (all its graphs)."""
-    runtime = model._cpfx  # type: ignore[union-attr]
+    runtime: Any = model._cpfx
     return sum(g.sent_bytes for g in runtime.graphs)

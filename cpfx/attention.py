@@ -225,6 +225,7 @@ def local_mask(
     for _ in range(4 - site.mask_ndim):
         m = m.unsqueeze(0)
     shape = site.mask_shape
+    assert shape is not None, site  # recorded with the mask
     if shape[1] > 1 and spec.mesh.ulysses > 1:  # per-head mask: keep this rank's head group
         start, n = spec.head_range(shape[1])
         if start + n > shape[1]:  # padded heads: their (discarded) rows may use any mask
@@ -241,7 +242,11 @@ def local_mask(
 
 
 def attention_lse(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: AttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    spec: AttnSpec,
     shape: tuple[int, int, int, int],
 ) -> tuple[Tensor, Tensor]:
     """Attention of one K/V block: (out [B, h, Sq, Dv] in q's dtype, lse [B, h, Sq] fp32).
@@ -251,7 +256,9 @@ def attention_lse(
     is_bool = site.mask_is_bool or site.causal  # static: `mask` may be an FX proxy here
     bias = None
     if mask is not None:
-        bias = torch.where(mask, 0.0, float("-inf")).to(site.dtype) if is_bool else mask.to(site.dtype)
+        bias = (
+            torch.where(mask, 0.0, float("-inf")).to(site.dtype) if is_bool else mask.to(site.dtype)
+        )
     if spec.mesh.device_type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=site.scale
@@ -276,7 +283,7 @@ def merge_lse(
 ) -> tuple[Tensor, Tensor]:
     """Fold one block's (out, lse) into the fp32 running (acc, acc_lse)."""
     out = out.float()
-    if acc is None:
+    if acc is None or acc_lse is None:
         return out, lse
     new = torch.logaddexp(acc_lse, lse)
     safe = torch.where(new == float("-inf"), torch.zeros_like(new), new)
@@ -302,8 +309,9 @@ def _unpack_kv(rows: Tensor, shape: tuple[int, int, int, int, int]) -> tuple[Ten
     return k, v
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: AttnSpec,
-                   h: int) -> Tensor:
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: AttnSpec, h: int
+) -> Tensor:
     """Each rank's queries against every ring block of K/V; fp32 log-sum-exp merge.
 
     q: [B, h, S_q, D], k/v: [B, h, S_kv, D|Dv] (this rank's block after any Ulysses all-to-all)."""
@@ -317,7 +325,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: A
     rows = comm.pad_rows(rows, sizes[me], longest, 3)  # [S_max, B, h * (D + Dv)]
     width = h * (D + site.value_dim)
 
-    def step(blk: Tensor, j: int, acc, acc_lse):
+    def step(
+        blk: Tensor, j: int, acc: Tensor | None, acc_lse: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
         if sizes[j] == 0 or s_q == 0:
             return acc, acc_lse  # an empty block adds nothing (and empty kernels may crash)
         k_j, v_j = _unpack_kv(blk, (sizes[j], B, h, D, site.value_dim))
@@ -328,7 +338,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: A
     acc = acc_lse = None
     if spec.ring_rotate == "allgather":
         full = comm.all_gather_rows(  # [R * S_max, B, h * (D + Dv)]
-            rows, R, spec.mesh.ring_group, "kv", shape=(longest, B, width),
+            rows,
+            R,
+            spec.mesh.ring_group,
+            "kv",
+            shape=(longest, B, width),
             device_type=spec.mesh.device_type,
         )
         for j in range(R):

@@ -15,7 +15,7 @@ import copy
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -30,6 +30,9 @@ from cpfx.errors import CpfxError
 from cpfx.mesh import MeshInfo, mesh_info
 from cpfx.pipeline import active_passes, build_pipeline, run_passes
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +40,9 @@ class CpfxBackend:
     """A Dynamo backend that parallelizes every graph it receives. `graphs` keeps the rewritten
     graphs (for inspection), `mesh_info` this rank's place on the mesh."""
 
-    def __init__(self, mesh: Any = None, config: ParallelConfig | None = None) -> None:
+    def __init__(
+        self, mesh: DeviceMesh | None = None, config: ParallelConfig | None = None
+    ) -> None:
         config = config or ParallelConfig()
         import dataclasses
         import os
@@ -188,7 +193,7 @@ def _records_autograd(example_inputs: list[Any]) -> bool:
     )
 
 
-def backend(mesh: Any = None, config: ParallelConfig | None = None) -> CpfxBackend:
+def backend(mesh: DeviceMesh | None = None, config: ParallelConfig | None = None) -> CpfxBackend:
     """A Dynamo backend callable that parallelizes every graph it receives."""
     return CpfxBackend(mesh, config)
 

@@ -58,5 +58,9 @@ def functionalize(
 
     with preserved_ops():
         return aot_module_simplified(
-            gm, example_inputs, fw_compiler=compile_fn, keep_inference_input_mutations=False
+            gm,
+            example_inputs,
+            # AOTAutograd hands the compiler a list (its protocol types it as a Sequence).
+            fw_compiler=compile_fn,  # type: ignore[arg-type]
+            keep_inference_input_mutations=False,
         )

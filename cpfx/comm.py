@@ -15,20 +15,10 @@ import torch
 import torch.distributed as dist
 
 from cpfx.graph_utils import tag
-from cpfx.sharding.layout import Layout, merge_runs
+from cpfx.sharding.layout import Layout
 
 log = logging.getLogger(__name__)
 C10D = torch.ops._c10d_functional
-
-
-def take_pieces(x: torch.Tensor, dim: int, pieces: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Concatenate the ranges `(start, length)` of `x` along `dim` (one narrow if contiguous).
-    No pieces (a rank that holds no tokens of this tensor) give a zero-length slice."""
-    runs = merge_runs([(start, n) for start, n in pieces if n])
-    if not runs:
-        return x.narrow(dim, 0, 0)
-    parts = [x.narrow(dim, start, n) for start, n in runs]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def all_to_all(
@@ -53,7 +43,8 @@ def gathers_by_all_to_all(device_type: str, group_name: str) -> bool:
         return False
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return dist.get_backend(_resolve_process_group(group_name)) == "gloo"
+    # A group's name (torch's `GroupName` is a NewType of str that older torch lacks).
+    return dist.get_backend(_resolve_process_group(group_name)) == "gloo"  # type: ignore[arg-type]
 
 
 def all_gather_rows(
@@ -127,10 +118,6 @@ def gather_tokens(
         return full.narrow(0, 0, 0).movedim(0, dim)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
     return out.movedim(0, dim)
-
-
-def group_name_of(group: dist.ProcessGroup) -> str:
-    return group.group_name
 
 
 def gather_contiguous(x: torch.Tensor, *args: Any) -> torch.Tensor:

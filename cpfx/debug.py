@@ -1,4 +1,5 @@
-"""Counters that passes bump and tests assert on, and per-pass graph dumps."""
+"""Counters that passes bump and tests assert on, what a graph's collectives send, and per-pass
+graph dumps."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
 from cpfx.errors import ConfigError
+from cpfx.graph_utils import val
+
+if TYPE_CHECKING:
+    from cpfx.mesh import MeshInfo
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,42 @@ def is_collective_start(n: fx.Node) -> bool:
 
 def is_wait(n: fx.Node) -> bool:
     return n.op == "call_function" and "_c10d_functional.wait_tensor" in str(n.target)
+
+
+def collective_kind(n: fx.Node) -> str:
+    """`all_to_all_single`, `all_gather_into_tensor`, `cpfx.ring_send_recv`, ..."""
+    return str(n.target).replace("_c10d_functional.", "").replace(".default", "")
+
+
+def _group_size(n: fx.Node, mesh: MeshInfo) -> int:
+    if "ring_send_recv" in str(n.target):
+        return 2
+    group = next((a for a in n.args if isinstance(a, str)), "")
+    return {mesh.ulysses_group: mesh.ulysses, mesh.ring_group: mesh.ring}.get(group, mesh.world)
+
+
+def sent_bytes(gm: fx.GraphModule, mesh: MeshInfo) -> list[tuple[str, str, int]]:
+    """(kind, role, bytes this rank sends) per collective, from the local shapes in the graph.
+
+    all_to_all: everything but the part kept locally; all_gather: the local block to each peer;
+    ring send/recv: the whole block."""
+    out = []
+    for n in collective_nodes(gm):
+        args: tuple[Any, ...] = n.args
+        x = val(args[0])
+        nbytes = x.numel() * x.element_size()
+        kind = collective_kind(n)
+        g = _group_size(n, mesh)
+        if "all_to_all" in kind:
+            in_splits = args[2]
+            rows = x.shape[0]
+            idx = mesh.ulysses_index if g == mesh.ulysses else mesh.cp_rank
+            kept = in_splits[idx] if in_splits else rows // g
+            nbytes = nbytes * (rows - kept) // max(rows, 1)
+        elif "all_gather" in kind:
+            nbytes = nbytes * (g - 1)
+        out.append((kind, n.meta.get("cpfx_role", ""), int(nbytes)))
+    return out
 
 
 def write_dump(

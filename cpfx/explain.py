@@ -11,13 +11,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 
 from cpfx.config import ParallelConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclasses.dataclass
@@ -67,7 +71,7 @@ class Report:
 
 def explain(
     model: torch.nn.Module,
-    mesh: Any = None,
+    mesh: DeviceMesh | None = None,
     config: ParallelConfig | None = None,
     *args: Any,
     world: int = 2,
@@ -80,8 +84,7 @@ def explain(
     """Build cpfx's graphs for `model(*args, **kwargs)` and describe them (see module doc)."""
     import cpfx
     from cpfx.api import unwrap_errors
-    from cpfx.context import PassContext
-    from cpfx.passes.check_collectives import sent_bytes
+    from cpfx.debug import sent_bytes
 
     config = dataclasses.replace(config or ParallelConfig(), check_collectives=True)
     torch._dynamo.reset()
@@ -109,10 +112,9 @@ def explain(
             collectives=[],
             counters={k: dict(v) for k, v in cpfx.counters.items()},
         )
-        ctx = PassContext(config, info)
         for gm in be.graphs:
             _describe(gm, report)
-            report.collectives += sent_bytes(gm, ctx)
+            report.collectives += sent_bytes(gm, info)
     torch._dynamo.reset()
     if print_table:
         print(report.table(verbose))
@@ -142,7 +144,7 @@ def _describe(gm: fx.GraphModule, report: Report) -> None:
 
 
 @contextlib.contextmanager
-def fake_world(world: int):
+def fake_world(world: int) -> Iterator[bool]:
     """Use the initialized process group, or a fake one of `world` ranks for this call.
     Yields whether the group in use is a fake one (no real collectives can run on it)."""
     if dist.is_initialized():

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-SDPA_TARGETS = (
-    torch._C._nn.scaled_dot_product_attention,
-    torch.nn.functional.scaled_dot_product_attention,
-    torch.ops.aten.scaled_dot_product_attention.default,
-)
 SDPA_PARAMS = (
     "query",
     "key",
@@ -34,24 +28,11 @@ SDPA_DEFAULTS: dict[str, Any] = {
 }
 
 
-def op_name(n: fx.Node) -> str:
-    """A short name for what `n` computes: method name, or function `__name__`."""
-    if n.op == "call_method":
-        return str(n.target)
-    if n.op == "call_function":
-        return getattr(n.target, "__name__", str(n.target))
-    return n.op
-
-
-def is_sdpa(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in SDPA_TARGETS
-
-
-def sdpa_args(n: fx.Node) -> dict[str, Any]:
+def sdpa_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """SDPA arguments by name whether the model passed them positionally or as keywords."""
     out = dict(SDPA_DEFAULTS)
-    out.update(zip(SDPA_PARAMS, n.args))
-    out.update(n.kwargs)
+    out.update(zip(SDPA_PARAMS, args))
+    out.update(kwargs)
     return out
 
 

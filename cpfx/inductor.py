@@ -89,4 +89,6 @@ def compile_with_inductor(
     if keep_schedule:
         # reorder_for_locality would move nodes before the custom pass sees the order.
         patches = {"reorder_for_locality": False, "post_grad_custom_post_pass": KeepSchedule()}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    assert callable(compiled), type(compiled)  # not an AOT-compile artifact: no such option set
+    return compiled

@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the demo and the benchmarks: time and peak memory of a call."""
+"""Measuring a call: median wall time and peak memory (the demo and the benchmarks use these)."""
 
 from __future__ import annotations
 
@@ -46,21 +46,3 @@ def peak_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
-
-
-def spawn_ranks(fn: Callable[..., None], world: int, *args: Any) -> Any:
-    """Run `fn(rank, world, q, *args)` in `world` spawned processes that can
-    `init_process_group(..., rank=rank, world_size=world)` over a fresh local port, and return
-    the first object any of them puts on the queue `q` (by convention rank 0's results)."""
-    import os
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # the children inherit it
-    q = mp.get_context("spawn").Queue()
-    mp.start_processes(fn, args=(world, q, *args), nprocs=world, start_method="spawn")
-    return q.get()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from cpfx.config import ParallelConfig
 from cpfx.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 KNOWN_DIMS = ("ring", "ulysses")
 
@@ -30,7 +33,7 @@ class MeshInfo:
     check_group: Any = None
 
 
-def mesh_info(mesh: Any, config: ParallelConfig) -> MeshInfo:
+def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
     """Check `mesh` against the process group and describe this rank's coordinates."""
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError(
@@ -71,7 +74,9 @@ def mesh_info(mesh: Any, config: ParallelConfig) -> MeshInfo:
     flat = mesh.mesh.flatten().tolist()
     if flat != list(range(world)):
         raise ConfigError(f"cpfx: the mesh must list ranks 0..{world - 1} in order; got {flat}")
-    coord = dict(zip(names, mesh.get_coordinate()))
+    here = mesh.get_coordinate()
+    assert here is not None  # the mesh lists every rank: checked above
+    coord = dict(zip(names, here))
     U, R = sizes.get("ulysses", 1), sizes.get("ring", 1)
     u, r = coord.get("ulysses", 0), coord.get("ring", 0)
     if r * U + u != rank:
@@ -84,6 +89,7 @@ def mesh_info(mesh: Any, config: ParallelConfig) -> MeshInfo:
 
         # cpfx's own gloo group, created once per set of ranks and reused by every model.
         check_group = cpfx_check_group(range(world), config.timeout_s)
+    assert dist.group.WORLD is not None  # initialized: checked above
     return MeshInfo(
         world=world,
         cp_rank=rank,

@@ -165,6 +165,40 @@ def probe_missing(tag: str, ranks: Sequence[int], wait_s: float = 1.0) -> list[i
 
 
 # ---------------------------------------------------------------------------------------------
+# A rank that fails to compile tells the others
+# ---------------------------------------------------------------------------------------------
+
+
+class _CompileState(threading.local):
+    exchanged = True
+    """Whether this thread's current compile reached the collective-schedule exchange (False when
+    a compile starts)."""
+
+
+_compile_state = _CompileState()
+
+
+def begin_compile() -> None:
+    """A compile starts in this thread (the runtime calls this before handing a graph over)."""
+    _compile_state.exchanged = False
+
+
+def mark_exchanged() -> None:
+    """This thread's compile reached the exchange (`check_collectives` calls this first)."""
+    _compile_state.exchanged = True
+
+
+def announce_failure(check_group: Any, world: int, timeout_s: float, graph_id: int) -> None:
+    """This rank failed to compile a graph before the exchange: take part in the exchange's first
+    step with a failure marker, so the other ranks raise at once instead of waiting timeout_s."""
+    if _compile_state.exchanged or check_group is None:
+        return
+    _compile_state.exchanged = True
+    what = f"check_collectives (graph {graph_id}): announcing a failed compile"
+    all_gather(torch.tensor([-1]), check_group, world, timeout_s, what, "compile-failed")
+
+
+# ---------------------------------------------------------------------------------------------
 # Digests
 # ---------------------------------------------------------------------------------------------
 

@@ -164,7 +164,7 @@ class _AttentionObserver(TorchDispatchMode):
 
 def _module_path(paths: dict[int, str]) -> str:
     """The innermost module of the model on the Python stack (`self`, or diffusers' `attn`)."""
-    f = sys._getframe(2)
+    f: Any = sys._getframe(2)
     while f is not None:
         loc = f.f_locals
         for name in ("attn", "self", "module"):
@@ -232,7 +232,9 @@ class Runtime:
         out_gm = self.be.graphs[-1] if self.be.graphs else gm  # type: ignore[attr-defined]
         parallel = int(out_gm.meta.get("cpfx_attention_parallel", 0))
         whole = list(out_gm.meta.get("cpfx_attention_whole", ()))
-        rec = GraphRecord(len(self.graphs), out_gm, captured, parallel, whole, reason, self.calls)
+        rec = GraphRecord(
+            len(self.graphs), out_gm, captured, parallel, whole, reason=reason, call=self.calls
+        )
         rec.short_attention = int(out_gm.meta.get("cpfx_attention_short", 0))
         self.graphs.append(rec)
         if reason:
@@ -243,15 +245,13 @@ class Runtime:
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Run cpfx's backend; a rank that fails before the collective-schedule exchange tells
         the others (which wait in it), so every rank raises at once."""
-        from cpfx.passes import check_collectives as cc
-
-        cc.begin_compile()
+        rankcheck.begin_compile()
         try:
             return self.be(gm, example_inputs)
         except BaseException:
             if self.config.check_collectives and self.info.check_group is not None:
                 try:
-                    cc.announce_failure(
+                    rankcheck.announce_failure(
                         self.info.check_group,
                         self.info.world,
                         self.config.timeout_s,
@@ -672,7 +672,7 @@ def _is_sdpa(n: fx.Node) -> bool:
 def _signature(spec: Any, leaves: list[Any]) -> tuple[Any, ...]:
     """Hashable description of a call's inputs: structure, tensor shapes/dtypes, plain values.
     The device type (not its index: ranks use different GPUs) is part of it."""
-    items = []
+    items: list[Any] = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
             items.append((tuple(x.shape), str(x.dtype), x.device.type))
@@ -760,7 +760,9 @@ class _recompile_limit_is_an_error:
     def __init__(self, limit: int | None) -> None:
         cfg = torch._dynamo.config
         fail = "fail_on_recompile_limit_hit"
-        self.patch = {fail if hasattr(cfg, fail) else "fail_on_cache_limit_hit": True}
+        self.patch: dict[str, Any] = {
+            fail if hasattr(cfg, fail) else "fail_on_cache_limit_hit": True
+        }
         if limit is not None:
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             self.patch[name] = limit
@@ -856,7 +858,8 @@ def _group_ranks(name: str) -> str:
     try:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        return f" (ranks {dist.get_process_group_ranks(_resolve_process_group(name))})"
+        group = _resolve_process_group(name)  # type: ignore[arg-type]  # NewType of str
+        return f" (ranks {dist.get_process_group_ranks(group)})"
     except Exception:  # noqa: BLE001 - the name alone still helps
         return ""
 
@@ -903,9 +906,9 @@ def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..
     from torch._dynamo import eval_frame
 
     try:
-        params = inspect.signature(eval_frame._optimize).parameters
+        params = set(inspect.signature(eval_frame._optimize).parameters)
     except (AttributeError, ValueError):
-        params = {}
+        params = set()
     kw: dict[str, Any] = {}
     if "shapes_spec" in params:
         from torch.fx.experimental.dynamic_spec import ShapesSpec

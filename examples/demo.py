@@ -14,40 +14,22 @@ import time
 
 import torch
 
-from cpfx.measure import median_time, spawn_ranks
+from cpfx.measure import median_time
+from cpfx.testing import tiny
+from cpfx.testing.launch import spawn_ranks
 
 
-def build(args: argparse.Namespace):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    hd = args.head_dim
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=args.layers,
-        num_single_layers=args.layers,
-        attention_head_dim=hd,
-        num_attention_heads=args.heads,
-        joint_attention_dim=256,
-        pooled_projection_dim=64,
-        axes_dims_rope=(hd // 4, hd * 3 // 8, hd * 3 // 8),
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    side = int(args.image_tokens**0.5)
-    ids = torch.zeros(args.image_tokens, 3)
-    ids[:, 1] = torch.arange(args.image_tokens) // side
-    ids[:, 2] = torch.arange(args.image_tokens) % side
-    inputs = dict(
-        hidden_states=torch.randn(1, args.image_tokens, 64, generator=g),
-        encoder_hidden_states=torch.randn(1, args.text_tokens, 256, generator=g),
-        pooled_projections=torch.randn(1, 64, generator=g),
-        timestep=torch.tensor([0.5]),
-        img_ids=ids,
-        txt_ids=torch.zeros(args.text_tokens, 3),
-        return_dict=False,
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The tiny random Flux of cpfx's tests (`cpfx.testing.tiny`) at the demo's sizes."""
+    return tiny.build(
+        "flux",
+        img=args.image_tokens,
+        txt=args.text_tokens,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        layers=args.layers,
+        single=args.layers,
     )
-    return model, inputs
 
 
 def single_process(args: argparse.Namespace) -> tuple[torch.Tensor, float, int]:

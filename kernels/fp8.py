@@ -52,6 +52,8 @@ reference divides by a tensor, never a Python scalar (CUDA turns that into a mul
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,7 +69,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-    def _jit(fn):  # type: ignore[no-untyped-def]
+    def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn
 
 

@@ -21,14 +21,14 @@ rank, naming the ranks and shapes, before any of the graph's collectives runs.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from cpfx import rankcheck
 from cpfx.context import PassContext
-from cpfx.debug import collective_nodes, counters
+from cpfx.debug import collective_kind, collective_nodes, counters, sent_bytes
 from cpfx.errors import RankDivergenceError
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,10 @@ _SEND, _RECV = _SHAPE + MAX_DIMS, _SHAPE + MAX_DIMS + 1
 _SPLITS = _RECV + 1
 
 
-def _kind(n: fx.Node) -> str:
-    return str(n.target).replace("_c10d_functional.", "").replace(".default", "")
-
-
 def _dim_name(n: fx.Node, ctx: PassContext) -> str:
     if "ring_send_recv" in str(n.target):
         return "ring"
-    dims = {ctx.ulysses_group: "ulysses", ctx.ring_group: "ring", ctx.cp_group: "cp"}
+    dims = {ctx.mesh.ulysses_group: "ulysses", ctx.mesh.ring_group: "ring", ctx.mesh.cp_group: "cp"}
     group = next((a for a in n.args if isinstance(a, str)), "")
     return dims.get(group, group or "?")
 
@@ -57,52 +53,20 @@ def _dim_name(n: fx.Node, ctx: PassContext) -> str:
 def collective_sequence(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     """(kind[mesh dim](role)) per collective; group names differ between sub-groups, dims don't."""
     return [
-        f"{_kind(n)}[{_dim_name(n, ctx)}]({n.meta.get('cpfx_role', '')})"
+        f"{collective_kind(n)}[{_dim_name(n, ctx)}]({n.meta.get('cpfx_role', '')})"
         for n in collective_nodes(gm)
     ]
 
 
-def _group_size(n: fx.Node, ctx: PassContext) -> int:
-    if "ring_send_recv" in str(n.target):
-        return 2
-    group = next((a for a in n.args if isinstance(a, str)), "")
-    return {ctx.ulysses_group: ctx.ulysses, ctx.ring_group: ctx.ring}.get(group, ctx.world)
-
-
-def sent_bytes(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[str, str, int]]:
-    """(kind, role, bytes this rank sends) per collective, from the local shapes in the graph.
-
-    all_to_all: everything but the part kept locally; all_gather: the local block to each peer;
-    ring send/recv: the whole block."""
-    out = []
-    for n in collective_nodes(gm):
-        x = n.args[0].meta.get("val")
-        nbytes = x.numel() * x.element_size()
-        kind = _kind(n)
-        g = _group_size(n, ctx)
-        if "all_to_all" in kind:
-            in_splits = n.args[2]
-            rows = x.shape[0]
-            idx = ctx.ulysses_index if g == ctx.ulysses else ctx.cp_rank
-            kept = in_splits[idx] if in_splits else rows // g
-            nbytes = nbytes * (rows - kept) // max(rows, 1)
-        elif "all_gather" in kind:
-            nbytes = nbytes * (g - 1)
-        out.append((kind, n.meta.get("cpfx_role", ""), int(nbytes)))
-    return out
-
-
 def _code(s: str) -> int:
-    from cpfx.rankcheck import text_hash
-
-    return text_hash(s)
+    return rankcheck.text_hash(s)
 
 
 def record(n: fx.Node, ctx: PassContext) -> list[int]:
     """The fixed-width int64 record of one collective node."""
-    w = ctx.world
+    w = ctx.mesh.world
     rec = [-1] * (_SPLITS + 2 * w)
-    rec[_KIND] = _code(_kind(n))
+    rec[_KIND] = _code(collective_kind(n))
     dim = _dim_name(n, ctx)
     rec[_DIM] = DIMS.index(dim) if dim in DIMS else _code(dim)
     rec[_ROLE] = _code(str(n.meta.get("cpfx_role", "")))
@@ -112,10 +76,11 @@ def record(n: fx.Node, ctx: PassContext) -> list[int]:
         rec[_NDIM] = x.dim()
         for i, s in enumerate(tuple(x.shape)[:MAX_DIMS]):
             rec[_SHAPE + i] = int(s)
+    args: tuple[Any, ...] = n.args
     if "ring_send_recv" in str(n.target):
-        rec[_SEND], rec[_RECV] = int(n.args[1]), int(n.args[2])
-    elif "all_to_all" in _kind(n):
-        out_splits, in_splits = list(n.args[1] or ()), list(n.args[2] or ())
+        rec[_SEND], rec[_RECV] = int(args[1]), int(args[2])
+    elif "all_to_all" in collective_kind(n):
+        out_splits, in_splits = list(args[1] or ()), list(args[2] or ())
         for i, s in enumerate(in_splits[:w]):
             rec[_SPLITS + i] = int(s)
         for i, s in enumerate(out_splits[:w]):
@@ -143,7 +108,7 @@ class _Names:
         names |= {"q", "k", "v", "o", "kv", "gather", ""}
         names |= {str(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8)}
         if gm is not None:
-            names |= {_kind(n) for n in collective_nodes(gm)}
+            names |= {collective_kind(n) for n in collective_nodes(gm)}
             names |= {str(n.meta.get("cpfx_role", "")) for n in collective_nodes(gm)}
         self.table = {_code(s): s for s in names}
 
@@ -238,41 +203,20 @@ def _sizes_mismatch(
     return None
 
 
-class _CompileState(threading.local):
-    exchanged = True
-    """Whether this thread's current compile reached the exchange (False when a compile starts)."""
-
-
-_state = _CompileState()
-
-
-def begin_compile() -> None:
-    """A compile starts in this thread (the runtime calls this before handing a graph over)."""
-    _state.exchanged = False
-
-
-def announce_failure(check_group: Any, world: int, timeout_s: float, graph_id: int) -> None:
-    """This rank failed to compile a graph before the exchange: take part in the exchange's first
-    step with a failure marker, so the other ranks raise at once instead of waiting timeout_s."""
-    from cpfx.rankcheck import all_gather
-
-    if _state.exchanged or check_group is None:
-        return
-    _state.exchanged = True
-    what = f"check_collectives (graph {graph_id}): announcing a failed compile"
-    all_gather(torch.tensor([-1]), check_group, world, timeout_s, what, "compile-failed")
-
-
 def exchange_records(recs: list[list[int]], ctx: PassContext, width: int) -> list[list[list[int]]]:
     """Every rank's records, gathered as two int64 tensors (counts, then padded records)."""
-    from cpfx.rankcheck import all_gather
-
+    mesh = ctx.mesh
     tag = f"check_collectives/{ctx.graph_id}"
     what = f"check_collectives (graph {ctx.graph_id}): exchanging collective schedules"
-    timeout = ctx.config.timeout_s
-    _state.exchanged = True
-    counts = all_gather(torch.tensor([len(recs)]), ctx.check_group, ctx.world, timeout, what, tag)
-    failed = [r for r in range(ctx.world) if int(counts[r, 0]) < 0]
+
+    def gather(t: torch.Tensor, tag: str) -> torch.Tensor:
+        return rankcheck.all_gather(
+            t, mesh.check_group, mesh.world, ctx.config.timeout_s, what, tag
+        )
+
+    rankcheck.mark_exchanged()
+    counts = gather(torch.tensor([len(recs)]), tag)
+    failed = [r for r in range(mesh.world) if int(counts[r, 0]) < 0]
     if failed:
         raise RankDivergenceError(
             f"check_collectives: rank(s) {failed} failed to compile graph {ctx.graph_id} (the "
@@ -280,26 +224,26 @@ def exchange_records(recs: list[list[int]], ctx: PassContext, width: int) -> lis
         )
     longest = int(counts.max())
     if longest == 0:
-        return [[] for _ in range(ctx.world)]
+        return [[] for _ in range(mesh.world)]
     mine = torch.full((longest, width), -1, dtype=torch.int64)
     if recs:
         mine[: len(recs)] = torch.tensor(recs, dtype=torch.int64)
-    rows = all_gather(mine.reshape(-1), ctx.check_group, ctx.world, timeout, what, tag + "/r")
-    rows = rows.reshape(ctx.world, longest, width).tolist()
-    return [rows[r][: int(counts[r, 0])] for r in range(ctx.world)]
+    rows = gather(mine.reshape(-1), tag + "/r").reshape(mesh.world, longest, width).tolist()
+    return [rows[r][: int(counts[r, 0])] for r in range(mesh.world)]
 
 
 def check_collectives_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    mesh = ctx.mesh
     seq = collective_sequence(gm, ctx)
     gm.meta["cpfx_collectives"] = seq
-    gm.meta["cpfx_sent_bytes"] = sent_bytes(gm, ctx)
+    gm.meta["cpfx_sent_bytes"] = sent_bytes(gm, mesh)
     counters[PASS]["collectives"] += len(seq)
-    if ctx.check_group is None or ctx.world == 1:
+    if mesh.check_group is None or mesh.world == 1:
         return gm
     recs = [record(n, ctx) for n in collective_nodes(gm)]
-    width = _SPLITS + 2 * ctx.world
+    width = _SPLITS + 2 * mesh.world
     everyone = exchange_records(recs, ctx, width)
-    diff = find_mismatch(everyone, ctx.world, ctx.ulysses, ctx.ring, _Names(gm))
+    diff = find_mismatch(everyone, mesh.world, mesh.ulysses, mesh.ring, _Names(gm))
     if diff:
         raise RankDivergenceError(
             f"check_collectives: ranks would issue mismatched collectives in graph "

@@ -31,11 +31,11 @@ PASS = "overlap"
 _PREP_PASSES = ("lower_attention", "fp8_comm")
 
 
-def _positions(g: fx.Graph) -> dict[fx.Node, int]:
+def _positions(g: fx.Graph) -> dict[fx.Node, float]:
     return {n: i for i, n in enumerate(g.nodes)}
 
 
-def _needed(start: fx.Node, pos: dict[fx.Node, int], lo: int = -1) -> set[fx.Node]:
+def _needed(start: fx.Node, pos: dict[fx.Node, float], lo: float = -1) -> set[fx.Node]:
     """Ancestors of `start` after position `lo`, plus in-place writers (before it) into them."""
     need: set[fx.Node] = set()
     stack = [start]

@@ -19,7 +19,8 @@ holds a shard of an original value has `meta["cpfx_local_of"] = (original name, 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -30,8 +31,8 @@ from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.errors import UnsupportedPatternError
 from cpfx.graph_utils import copy_origin_meta, module_path, splice, val, where
-from cpfx.sharding.plan import SDPA, ShardPlan, find_seeds, propagate, tensor_leaves
 from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard, take_pieces
+from cpfx.sharding.plan import SDPA, ShardPlan, find_seeds, propagate, tensor_leaves
 from cpfx.sharding.rules import Operand
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class _Applier:
             if full is not None:
                 y = full  # the global value is at hand (a seed, a cheap table): no gather
             elif isinstance(need, Replicate):
+                assert isinstance(cur, Shard)  # cur != need
                 y = self.gather(x, cur, before)
             elif isinstance(cur, Replicate):
                 y = self.slice(x, need, before)
@@ -167,6 +169,7 @@ class _Applier:
             elif n.op == "call_function" and not np_.seed:
                 n.meta["cpfx_local_of"] = (n.name, np_.placement)
             if np_.seed:
+                assert isinstance(np_.placement, Shard), np_  # a seed is sharded
                 self.seed(n, np_.placement)
 
     def seed(self, n: fx.Node, p: Shard) -> None:
@@ -220,6 +223,7 @@ class _Applier:
             n.meta.update(dec.meta)
             n.meta["cpfx_local_of"] = (n.name, dec.out)
             return
+        assert callable(target), target
         out = splice(self.g, n, target, list(args), dict(kwargs), origin=n, pass_name=PASS)
         self._replace(n, out, dec.out)
 
@@ -243,7 +247,7 @@ class _Applier:
         """Replace n by the node(s) a spliced local function produced."""
         if isinstance(out, (tuple, list)):
             for u in list(n.users):  # getitem users take the element directly
-                i = u.args[1]
+                i = cast(int, u.args[1])
                 u.replace_all_uses_with(out[i])
                 self._stand_in(out[i], u, placement[i])
         else:
@@ -281,7 +285,7 @@ def _gather(x: torch.Tensor, *args: Any) -> torch.Tensor:
     return comm.gather_contiguous(x, *args)
 
 
-def _overrides(ctx: PassContext):
+def _overrides(ctx: PassContext) -> Callable[[fx.Node], bool]:
     prefixes = tuple(getattr(ctx.config, "replicate", ()) or ())
     if not prefixes:
         return lambda n: False

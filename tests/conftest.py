@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pool import Pool
+from cpfx.testing.launch import Pool
 
 _pools: dict[int, Pool] = {}
 

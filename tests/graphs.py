@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from cpfx.testing.tiny import build
+
 
 @contextlib.contextmanager
 def fake_world(world: int, rank: int = 0):
@@ -37,7 +39,6 @@ def rewrite(
     from torch.distributed.device_mesh import init_device_mesh
 
     import cpfx
-    from tests.models import build
 
     torch._dynamo.reset()
     cpfx.reset_counters()
@@ -82,7 +83,6 @@ def inductor_code(
     from torch.distributed.device_mesh import init_device_mesh
 
     import cpfx
-    from tests.models import build
 
     torch._dynamo.reset()
     m, kw = build(model)

@@ -7,13 +7,13 @@ import torch
 import torch.distributed as dist
 
 import cpfx
+from cpfx.testing.launch import Pool
+from cpfx.testing.parity import divergence, fresh, make_mesh
+from cpfx.testing.tiny import build
 from tests.graphs import fake_world
-from tests.pool import Pool
 
 
 def test_no_process_group():
-    from tests.models import build
-
     assert not dist.is_initialized()
     m, _ = build("flux")
     with pytest.raises(cpfx.ConfigError, match="init_process_group"):
@@ -29,8 +29,6 @@ def test_bad_config_values():
 
 def test_mesh_checks():
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-    from tests.models import build
 
     m, _ = build("flux")
     with fake_world(4):
@@ -104,8 +102,6 @@ def test_causal_is_lowered_not_refused():
 
 
 def test_recompile_cap():
-    from tests.models import build
-
     with fake_world(2):
         m, kw = build("flux")
         cpfx.parallelize(m, config=cpfx.ParallelConfig(max_recompiles=1, check_collectives=False))
@@ -117,7 +113,7 @@ def test_recompile_cap():
 
 
 def test_divergent_ranks_raise_instead_of_hanging(pools):
-    res = pools(2).run("tests.tasks:diverging_graphs", timeout=300)
+    res = pools(2).run(diverging_graphs, timeout=300)
     for r in res:
         assert (
             r.startswith("RankDivergenceError") and "ring_send_recv" in r and "all_gather" in r
@@ -128,8 +124,7 @@ def test_divergent_ranks_raise_instead_of_hanging(pools):
 def test_rank_death_raises_within_timeout():
     pool = Pool(2)
     try:
-        for q in pool.tasks:
-            q.put(("tests.tasks:rank_dies", {"timeout_s": 20.0}))
+        pool.submit(rank_dies, timeout_s=20.0)
         rank, ok, val = pool.results.get(timeout=240)
         assert rank == 0 and ok and val.startswith("raised after"), val
         assert float(val.split()[2].rstrip("s:")) < 60
@@ -138,23 +133,124 @@ def test_rank_death_raises_within_timeout():
 
 
 def test_three_resolutions_each_exact(pools):
-    res = pools(2).run("tests.tasks:resolutions", sizes=[64, 48, 100])
+    res = pools(2).run(resolutions, sizes=[64, 48, 100])
     for diffs in res:
         assert max(diffs) <= 1e-5, diffs
 
 
 def test_check_inputs_catches_rank_dependent_inputs(pools):
-    res = pools(2).run("tests.tasks:different_inputs")
+    res = pools(2).run(different_inputs)
     for r in res:
         assert "received different inputs" in r, r
 
 
 def test_no_send_left_pending_after_forward(pools):
-    assert pools(2).run("tests.tasks:ring_leaves_nothing_pending") == [0, 0]
+    assert pools(2).run(ring_leaves_nothing_pending) == [0, 0]
 
 
 def test_gather_by_all_to_all_matches_all_gather(pools):
     """gloo on CUDA tensors gathers through an all-to-all (torch 2.11's gloo all_gather crashed on
     CUDA); both routes give the rank-ordered concatenation."""
-    for res in pools(3).run("tests.tasks:gather_both_ways"):
+    for res in pools(3).run(gather_both_ways):
         assert res == {"cpu": 0.0, "cuda": 0.0, "routed": True}
+
+
+# --- tasks run by every rank of a gloo pool --------------------------------------------------
+
+
+def diverging_graphs(timeout_s: float = 60.0) -> str:
+    """Rank 1 compiles a different collective schedule (allgather ring vs p2p ring)."""
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    rotate = "allgather" if dist.get_rank() == 1 else "p2p"
+    cfg = cpfx.ParallelConfig(ring_rotate=rotate, timeout_s=timeout_s)
+    cpfx.parallelize(m, make_mesh(names=("ring",)), cfg)
+    return divergence(m, kw)
+
+
+def rank_dies(timeout_s: float = 20.0) -> str:
+    """The last rank exits in the middle of the forward; the others must raise, not hang."""
+    import os
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cfg = cpfx.ParallelConfig(timeout_s=timeout_s, check_collectives=False)
+    cpfx.parallelize(m, make_mesh(), cfg)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os._exit(3)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except Exception as e:  # noqa: BLE001 - any error is fine, hanging is not
+        return f"raised after {time.perf_counter() - t0:.1f}s: {type(e).__name__}"
+    return "no error"
+
+
+def resolutions(sizes: list[int]) -> list[float]:
+    """One parallelized model, several input resolutions in a row: each vs single process."""
+    import cpfx
+
+    fresh()
+    m, _ = build("flux")
+    refs = []
+    for n in sizes:
+        _, kw = build("flux", img=n)
+        with torch.no_grad():
+            refs.append((kw, m(**kw)[0]))
+    cpfx.parallelize(m, make_mesh())
+    diffs = []
+    with torch.no_grad():
+        for kw, ref in refs:
+            diffs.append((m(**kw)[0] - ref).abs().max().item())
+    return diffs
+
+
+def different_inputs() -> str:
+    import cpfx
+
+    fresh()
+    m, kw = build("flux", seed=dist.get_rank())  # rank-dependent inputs: a user error
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(check_inputs=True))
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except cpfx.RankDivergenceError as e:
+        return str(e)
+    return "no error"
+
+
+def ring_leaves_nothing_pending() -> int:
+    import cpfx
+    from cpfx import p2p
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh(names=("ring",)), cpfx.ParallelConfig(ring_rotate="p2p"))
+    with torch.no_grad():
+        m(**kw)
+    return len(p2p._pending_sends)
+
+
+def gather_both_ways() -> dict[str, float]:
+    """`comm.all_gather_rows` as an all-gather and as the all-to-all it becomes for gloo on CUDA
+    (device_type="cuda" takes that route on gloo; the tensors stay on the CPU)."""
+    from cpfx import comm
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.group.WORLD.group_name
+    blocks = [torch.arange(24.0).reshape(3, 2, 4) + 100 * r for r in range(world)]
+    want = torch.cat(blocks)
+    out = {}
+    for device_type in ("cpu", "cuda"):
+        got = comm.all_gather_rows(
+            blocks[rank], world, group, shape=(3, 2, 4), device_type=device_type
+        )
+        out[device_type] = (got - want).abs().max().item()
+    out["routed"] = comm.gathers_by_all_to_all("cuda", group)
+    return out

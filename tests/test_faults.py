@@ -3,23 +3,29 @@ and the cause, nothing silent, nothing leaked."""
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from tests.pool import Pool
+import pytest
+import torch
+import torch.distributed as dist
+
+from cpfx.testing.launch import Pool
+from cpfx.testing.parity import divergence, fresh, make_mesh, parity
+from cpfx.testing.tiny import build
 
 
 @pytest.mark.parametrize("mesh_name", ["ulysses", "ring"])
 def test_two_threads_twenty_calls_exact(pools, mesh_name):
     """Was: ring wrong in 14-20 of 20 calls (pending sends shared by both threads), Ulysses wrong
     then deadlocked (interleaved collectives)."""
-    for res in pools(2).run("tests.tasks:threads", mesh_name=mesh_name, calls=20):
+    for res in pools(2).run(threads, mesh_name=mesh_name, calls=20):
         assert res["errors"] == [], res["errors"][:2]
         assert len(res["diffs"]) == 40 and max(res["diffs"]) <= 1e-5, res
         assert res["pending"] == 0
 
 
 def test_shape_mismatch_raises_on_every_rank(pools):
-    for res in pools(2).run("tests.tasks:shape_mismatch"):
+    for res in pools(2).run(shape_mismatch):
         assert res["error"] is not None, res
         assert "hidden_states: rank 0: shape [1, 64, 4]; rank 1: shape [1, 48, 4]" in res["error"]
         assert res["seconds"] < 2.0, res
@@ -28,13 +34,13 @@ def test_shape_mismatch_raises_on_every_rank(pools):
 def test_collective_sizes_checked_when_input_check_is_off(pools):
     """check_collectives compares sizes (it compared kinds only: a rank aborted inside gloo,
     "2304 vs 1792", or returned a wrong output)."""
-    for res in pools(2).run("tests.tasks:collective_sizes_differ"):
+    for res in pools(2).run(collective_sizes_differ):
         assert res.startswith("RankDivergenceError"), res
         assert "rank 0 sends 36 rows" in res and "expects 28 rows" in res, res
 
 
 def test_skipped_call_raises_on_every_rank(pools):
-    res = pools(2).run("tests.tasks:skipped_call", steps=4)
+    res = pools(2).run(skipped_call, steps=4)
     for r in res:
         assert r["ok_steps"] == [0] and "timestep" in r["error"] and r["seconds"] < 2.0, r
     assert [r["step"] for r in res] == [1, 2]  # rank 1 skipped step 1: both raise at once
@@ -42,14 +48,14 @@ def test_skipped_call_raises_on_every_rank(pools):
 
 @pytest.mark.parametrize("kind", ["swap", "nan"])
 def test_token_swap_and_nan_payload_caught(pools, kind):
-    for res in pools(2).run("tests.tasks:token_swap", kind=kind):
+    for res in pools(2).run(token_swap, kind=kind):
         assert res["error"] and "ranks [1]" in res["error"] and "hidden_states" in res["error"]
 
 
 def test_one_rank_failing_to_compile_stops_every_rank_at_once(pools):
     """Was: the failing rank raised alone; the others waited the whole timeout, then were told a
     rank died."""
-    res = pools(2).run("tests.tasks:one_rank_fails_to_compile", timeout_s=120.0)
+    res = pools(2).run(one_rank_fails_to_compile, timeout_s=120.0)
     assert res[1]["error"].startswith("UnsupportedPatternError") and "dropout" in res[1]["error"]
     assert res[0]["error"].startswith("RankDivergenceError"), res
     assert "rank(s) [1] failed to compile graph 0" in res[0]["error"], res
@@ -67,7 +73,7 @@ FEW_TOKENS = [
 @pytest.mark.parametrize("world, mesh_name, img, txt", FEW_TOKENS)
 def test_fewer_tokens_than_ranks_exact(pools, world, mesh_name, img, txt):
     res = pools(world).run(
-        "tests.tasks:parity",
+        parity,
         model="flux",
         mesh_names=(mesh_name,),
         model_kwargs={"img": img, "txt": txt},
@@ -77,7 +83,7 @@ def test_fewer_tokens_than_ranks_exact(pools, world, mesh_name, img, txt):
 
 
 def test_no_fd_or_thread_leak_and_world_timeout_untouched(pools):
-    for res in pools(2).run("tests.tasks:leak_check", n=10):
+    for res in pools(2).run(leak_check, n=10):
         first = res["counts"][0]
         assert all(c == first for c in res["counts"]), res["counts"]
         before, after = res["timeout"]
@@ -87,8 +93,7 @@ def test_no_fd_or_thread_leak_and_world_timeout_untouched(pools):
 def _killed(config):
     pool = Pool(2)
     try:
-        for q in pool.tasks:
-            q.put(("tests.tasks:killed_rank", {"timeout_s": 20.0, "config": config}))
+        pool.submit(killed_rank, timeout_s=20.0, config=config)
         rank, ok, val = pool.results.get(timeout=240)
     finally:
         pool.close(kill=True)
@@ -113,3 +118,226 @@ def test_killed_rank_gives_communication_error(config, where):
     assert res["first_s"] < 10, res
     assert res["second"].startswith("CommunicationError") and "failed earlier" in res["second"]
     assert "re-create the process group" in res["second"] and res["second_s"] < 0.5, res
+
+
+def test_pool_refuses_a_task_it_cannot_send(pools):
+    """A lambda cannot travel by name: refused at once (the queue's feeder thread would only log
+    it, and the caller would wait for the timeout)."""
+    with pytest.raises(TypeError, match="module-level functions"):
+        pools(2).run(lambda: 1, timeout=5)
+    assert pools(2).run(_proc_counts)[0][0] > 0  # the pool is still usable
+
+
+# --- tasks run by every rank of a gloo pool --------------------------------------------------
+
+
+def threads(mesh_name: str, calls: int = 20, n_threads: int = 2) -> dict[str, Any]:
+    """`n_threads` threads calling one parallelized model `calls` times each, at once."""
+    import threading
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    with torch.no_grad():
+        ref = m(**kw)[0]
+    cpfx.parallelize(m, make_mesh(names=(mesh_name,)))
+    with torch.no_grad():
+        m(**kw)  # compile once before the threads start
+    diffs: list[float] = []
+    errors: list[str] = []
+    start = threading.Barrier(n_threads)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(calls):
+            try:
+                with torch.no_grad():
+                    diffs.append((m(**kw)[0] - ref).abs().max().item())
+            except Exception as e:  # noqa: BLE001 - reported
+                errors.append(f"{type(e).__name__}: {e}")
+
+    ts = [threading.Thread(target=work) for _ in range(n_threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    from cpfx import p2p
+
+    return {"diffs": diffs, "errors": errors, "pending": len(p2p._pending_sends)}
+
+
+def shape_mismatch() -> dict[str, Any]:
+    """The last rank gets fewer image tokens than the others."""
+    import time
+
+    import cpfx
+
+    fresh()
+    last = dist.get_rank() == dist.get_world_size() - 1
+    m, kw = build("flux", img=48 if last else 64)
+    cpfx.parallelize(m, make_mesh())
+    dist.barrier()
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except cpfx.RankDivergenceError as e:
+        return {"error": str(e), "seconds": time.perf_counter() - t0}
+    return {"error": None, "seconds": time.perf_counter() - t0}
+
+
+def collective_sizes_differ() -> str:
+    """Input check off; the last rank compiles for other shapes: check_collectives must catch it."""
+    import cpfx
+
+    fresh()
+    last = dist.get_rank() == dist.get_world_size() - 1
+    m, kw = build("flux", img=48 if last else 64)
+    cfg = cpfx.ParallelConfig(check_inputs="never", timeout_s=60.0)
+    cpfx.parallelize(m, make_mesh(), cfg)
+    return divergence(m, kw)
+
+
+def skipped_call(steps: int = 4) -> dict[str, Any]:
+    """A denoising-like loop (a new timestep each call); the last rank skips step 1."""
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh())
+    last = dist.get_rank() == dist.get_world_size() - 1
+    out: dict[str, Any] = {"ok_steps": [], "error": None}
+    for step in range(steps):
+        if last and step == 1:
+            continue
+        kw["timestep"] = torch.tensor([1.0 - step / steps])
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                m(**kw)
+            out["ok_steps"].append(step)
+        except cpfx.RankDivergenceError as e:
+            out.update(error=str(e), step=step, seconds=time.perf_counter() - t0)
+            break
+    return out
+
+
+def token_swap(kind: str) -> dict[str, Any]:
+    """Rank 1's inputs differ from rank 0's by two swapped tokens, or by a NaN's payload."""
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    x = kw["hidden_states"].clone()
+    if dist.get_rank() == 1:
+        if kind == "swap":
+            x[:, [3, 40]] = x[:, [40, 3]]
+        else:
+            x.view(torch.int32)[0, 5, 0] = 0x7FC00001  # a NaN with another payload
+    elif kind == "nan":
+        x.view(torch.int32)[0, 5, 0] = 0x7FC00000
+    kw["hidden_states"] = x
+    cpfx.parallelize(m, make_mesh())
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except cpfx.RankDivergenceError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, dropout_p: float = 0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(16, 48)
+        self.dropout_p = dropout_p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p)
+
+
+def one_rank_fails_to_compile(timeout_s: float = 120.0) -> dict[str, Any]:
+    """The last rank's model has an attention cpfx refuses (dropout): only it fails in a pass."""
+    import time
+
+    import cpfx
+
+    fresh()
+    last = dist.get_rank() == dist.get_world_size() - 1
+    m = _SelfAttention(0.1 if last else 0.0).eval()
+    cfg = cpfx.ParallelConfig(timeout_s=timeout_s)
+    cpfx.parallelize(m, make_mesh(), cfg)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0)))
+        err = "no error"
+    except Exception as e:  # noqa: BLE001 - the type is what is checked
+        err = f"{type(e).__name__}: {e}"
+    return {"error": err, "seconds": time.perf_counter() - t0}
+
+
+def _proc_counts() -> tuple[int, int]:
+    import os
+
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+
+def leak_check(n: int = 10) -> dict[str, Any]:
+    """fds and threads of this process over `n` parallelize calls (and one call of each model),
+    and the WORLD group's timeout before and after."""
+    import datetime
+
+    import cpfx
+
+    fresh()
+
+    def world_timeout() -> float | None:
+        try:
+            be = dist.group.WORLD._get_backend(torch.device("cpu"))
+            return be.options._timeout.total_seconds()
+        except Exception:  # noqa: BLE001
+            return None
+
+    mesh = make_mesh()
+    before_timeout = world_timeout()
+    counts = []
+    for i in range(n + 1):
+        m, kw = build("flux")
+        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(timeout_s=7.0))
+        with torch.no_grad():
+            m(**kw)
+        counts.append(_proc_counts())
+    dist.barrier(timeout=datetime.timedelta(seconds=60))
+    return {"counts": counts, "timeout": (before_timeout, world_timeout())}
+
+
+def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The last rank exits after parallelize; the others call twice."""
+    import os
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cfg = cpfx.ParallelConfig(timeout_s=timeout_s, **(config or {}))
+    cpfx.parallelize(m, make_mesh(), cfg)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os._exit(3)
+    out = {}
+    for call in ("first", "second"):
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                m(**kw)
+            out[call] = "no error"
+        except Exception as e:  # noqa: BLE001 - the type is what is checked
+            out[call] = f"{type(e).__name__}: {e}"
+        out[call + "_s"] = time.perf_counter() - t0
+    return out

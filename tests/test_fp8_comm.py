@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cpfx
+from cpfx.testing.parity import parity
 from tests.graphs import payload_bytes, rewrite
 
 
@@ -63,9 +64,7 @@ FP8_REL_L2 = {"flux": 5e-3, "qwen": 5e-3, "z_image": 1.5e-2}
     ],
 )
 def test_fp8_parity(pools, model, dtype, world):
-    res = pools(world).run(
-        "tests.tasks:parity", model=model, dtype=dtype, config={"fp8_comm": True}
-    )
+    res = pools(world).run(parity, model=model, dtype=dtype, config={"fp8_comm": True})
     for r in res:
         bound = FP8_REL_L2[model] if dtype == "float32" else 2e-2
         assert r["rel_l2"] <= bound, r

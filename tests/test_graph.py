@@ -34,7 +34,7 @@ def test_wan_cross_attention_has_no_collectives():
     sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     # Cross-attention stays one local SDPA per block: queries are this rank's 32/4 tokens,
     # keys the 5 replicated text tokens.
-    cross = [sdpa_args(n) for n in sdpa if "cpfx_pass" not in n.meta]
+    cross = [sdpa_args(n.args, n.kwargs) for n in sdpa if "cpfx_pass" not in n.meta]
     assert len(cross) == 2
     for a in cross:
         assert a["key"].meta["val"].shape[2] == 5

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from cpfx.tiny import EXTRA
+from cpfx.testing.parity import parity
+from cpfx.testing.tiny import EXTRA
 from tests.test_parity import check
 
 MODELS = EXTRA
@@ -30,5 +31,5 @@ CASES = {
 def test_model(pools, model, case):
     kw = dict(CASES[case])
     world = kw.pop("world")
-    res = check(pools(world).run("tests.tasks:parity", model=model, **kw))
+    res = check(pools(world).run(parity, model=model, **kw))
     assert res["counters"]["shard_tokens"]["attention_sharded"] >= 1

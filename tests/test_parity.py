@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cpfx.testing.parity import parity
+
 FP32_TOL = 1e-5
 MODELS = ["flux", "qwen", "wan"]
 
@@ -17,7 +19,7 @@ def check(results, tol=FP32_TOL):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("model", MODELS)
 def test_ulysses(pools, model, world):
-    res = check(pools(world).run("tests.tasks:parity", model=model))
+    res = check(pools(world).run(parity, model=model))
     c = res["counters"]
     assert c["lower_attention"]["ulysses"] >= 2
     assert c["shard_tokens"]["attention_sharded"] >= 2
@@ -28,9 +30,7 @@ def test_ulysses(pools, model, world):
 @pytest.mark.parametrize("model", MODELS)
 def test_ring(pools, model, world, rotate):
     res = check(
-        pools(world).run(
-            "tests.tasks:parity", model=model, mesh_names=("ring",), config={"ring_rotate": rotate}
-        )
+        pools(world).run(parity, model=model, mesh_names=("ring",), config={"ring_rotate": rotate})
     )
     assert res["counters"]["lower_attention"][f"ring_{rotate}"] >= 2
 
@@ -40,7 +40,7 @@ def test_ring(pools, model, world, rotate):
 def test_usp_2x2(pools, model, rotate):
     res = check(
         pools(4).run(
-            "tests.tasks:parity",
+            parity,
             model=model,
             mesh_shape=(2, 2),
             mesh_names=("ring", "ulysses"),
@@ -51,7 +51,7 @@ def test_usp_2x2(pools, model, rotate):
 
 
 def test_wan_cross_attention_stays_local(pools):
-    res = check(pools(2).run("tests.tasks:parity", model="wan"))
+    res = check(pools(2).run(parity, model="wan"))
     st = res["counters"]["shard_tokens"]
     assert st["attention_local"] == 2 and st["attention_sharded"] == 2
 
@@ -59,7 +59,7 @@ def test_wan_cross_attention_stays_local(pools):
 @pytest.mark.parametrize("world", [2, 4])
 def test_flux_bf16(pools, world):
     # bf16 carries ~3 significant digits; sharding changes summation order of attention only.
-    res = pools(world).run("tests.tasks:parity", model="flux", dtype="bfloat16")
+    res = pools(world).run(parity, model="flux", dtype="bfloat16")
     for r in res:
         assert r["rel_l2"] <= 2e-2, r
 
@@ -68,6 +68,6 @@ def test_flux_bf16(pools, world):
     "world, mesh_names", [(2, ("ulysses",)), (3, ("ulysses",)), (2, ("ring",))]
 )
 def test_block_with_rope_tables_as_inputs(pools, world, mesh_names):
-    res = check(pools(world).run("tests.tasks:parity", model="flux_block", mesh_names=mesh_names))
+    res = check(pools(world).run(parity, model="flux_block", mesh_names=mesh_names))
     assert res["counters"]["shard_tokens"]["reslice"] >= 2
     assert sum(res["counters"]["lower_attention"].values()) == 1

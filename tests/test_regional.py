@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import torch
 
 import cpfx
+from cpfx.testing.parity import first_output, fresh, make_mesh
+from cpfx.testing.tiny import build
 
 CASES = {
     # model, builder kwargs, block classes
@@ -19,8 +24,7 @@ CASES = {
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_regional_parity_one_graph_per_block_class(pools, model, world):
     kwargs, classes = CASES[model]
-    for r, res in enumerate(pools(world).run("tests.tasks:regional", model=model,
-                                             model_kwargs=kwargs)):
+    for r, res in enumerate(pools(world).run(regional, model=model, model_kwargs=kwargs)):
         assert res["max_abs"] <= 1e-5, f"rank {r}: {res}"
         assert res["graphs"] == classes, res["reasons"]  # every instance of a class reuses one graph
         assert res["runs"] == 2 * res["blocks"], res  # two calls, every block in a cpfx graph
@@ -40,3 +44,36 @@ def test_regional_needs_repeated_blocks():
     with fake_world(2):
         with pytest.raises(cpfx.ConfigError, match="_repeated_blocks"):
             cpfx.parallelize(Plain(), None, cpfx.ParallelConfig(regional=True))
+
+
+# --- the task every rank of the pool runs -----------------------------------------------------
+
+
+def regional(
+    model: str, model_kwargs: dict[str, Any] | None = None, calls: int = 2
+) -> dict[str, Any]:
+    """`ParallelConfig(regional=True)`: parity with the single process, the graphs compiled (one
+    per block class expected) and what the observed call's attentions ran as."""
+    import cpfx
+
+    fresh()
+    m, kw = build(model, **(model_kwargs or {}))
+    with torch.no_grad():
+        ref = first_output(m(**kw))[0].float()
+    mesh = make_mesh()
+    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(regional=True))
+    diffs = []
+    with torch.no_grad():
+        for _ in range(calls):
+            diffs.append((first_output(m(**kw))[0].float() - ref).abs().max().item())
+    rt = m._cpfx
+    (report,) = rt.reports
+    return {
+        "max_abs": max(diffs),
+        "graphs": len(rt.graphs),
+        "blocks": sum(1 for b in m.modules() if type(b).__name__ in m._repeated_blocks),
+        "parallel": report.parallel,
+        "outside": report.outside_total,
+        "runs": sum(g.runs for g in rt.graphs),
+        "reasons": rt.recompile_reasons,
+    }

@@ -10,7 +10,6 @@ the global result under the placement the rule claims.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import pytest
@@ -18,11 +17,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 import cpfx.ops  # noqa: F401
+from cpfx.graph_utils import sdpa_args
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
 from cpfx.sharding.placement import REPLICATE, Replicate, Shard, local_value
-from cpfx.sharding.rules import Operand, OpCall
-from cpfx.sharding.rules.attention import sdpa_args
+from cpfx.sharding.rules import OpCall, Operand
 
 aten = torch.ops.aten
 WORLD = 3
@@ -72,7 +71,7 @@ def _simulate_attention(local, call, dec, tensors, rank):
     """What the lowering must compute for a `cpfx::sharded_attention` placeholder: this rank's
     queries against all keys (the global K/V and mask, the mask's rows for these queries)."""
     site = dec.meta["cpfx_attn"]
-    a = sdpa_args(call)
+    a = sdpa_args(call.args, call.kwargs)
     q = local[a["query"].index]
     k, v = tensors[a["key"].index], tensors[a["value"].index]
     mask = tensors[a["attn_mask"].index] if isinstance(a["attn_mask"], Operand) else None
@@ -362,17 +361,3 @@ def test_assert_metadata():
                       {0: Shard(1, Layout.even(S, WORLD))}, 0)
     dec = rules.decide(call)
     assert "size" not in dec.kwargs and dec.kwargs["dtype"] == torch.float32
-
-
-@pytest.mark.parametrize("n, world", list(itertools.product([1, 2, 5, 7], [1, 2, 3, 4])))
-def test_layout_algebra(n, world):
-    lay = Layout.even(n, world)
-    assert sorted(i for r in range(world) for s, k in lay.pieces(r) for i in range(s, s + k)) \
-        == list(range(n))
-    assert lay.repeat(3, 2).factor(3, 2) == lay
-    assert lay.reversed().reversed() == lay
-    seg = lay.concat(Layout.even(4, world))
-    assert seg.select(0, n) == lay and seg.select(n, n + 4) == Layout.even(4, world)
-    for r in range(world):
-        runs = seg.local_runs(r, 0, n)
-        assert sum(k for _, k in runs) == lay.local_size(r)

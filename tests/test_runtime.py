@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import cpfx
+from cpfx.testing.parity import divergence, fresh, make_mesh, parity
+from cpfx.testing.tiny import build, flux_images, flux_pipeline
 from tests.graphs import fake_world
 
 
@@ -74,21 +78,22 @@ def test_good_config_values_normalized():
 # --- one process, fake group --------------------------------------------------------------------
 
 
-def test_grad_mode_refused_until_training_is_exact():
-    from tests.models import build
-
+def test_grad_mode_refused_where_gradients_are_not_exact():
+    """Gradients are exact on Ulysses meshes (tests/test_training.py); a ring mesh in grad mode is
+    refused before any work, naming why and what to do."""
     m, kw = build("flux")
     with fake_world(2):
-        cpfx.parallelize(m, _mesh(), cpfx.ParallelConfig(check_collectives=False))
-        with pytest.raises(cpfx.CpfxError, match=r"torch.no_grad\(\).*requires_grad_\(False\)"):
-            m(**kw)  # parameters require grad, grad mode on: refused before any work
+        cfg = cpfx.ParallelConfig(check_collectives=False)
+        cpfx.parallelize(m, _mesh(names=("ring",)), cfg)
+        with pytest.raises(cpfx.CpfxError, match=r"ring attention.*torch.no_grad\(\)"):
+            m(**kw)  # parameters require grad, grad mode on
         assert not m._cpfx.graphs
         with torch.inference_mode():
             m(**kw)
         m.requires_grad_(False)
         m(**kw)  # frozen: nothing requires grad
         kw = {**kw, "hidden_states": kw["hidden_states"].clone().requires_grad_()}
-        with pytest.raises(cpfx.CpfxError, match="1 input"):
+        with pytest.raises(cpfx.CpfxError, match="ring attention"):
             m(**kw)
 
 
@@ -146,8 +151,6 @@ def test_original_exception_surfaces_with_context():
 
 
 def test_recompile_limit_is_an_error_with_dynamo_reason():
-    from tests.models import build
-
     torch._dynamo.reset()
     m, kw = build("flux")
     with fake_world(2), torch.no_grad():
@@ -163,9 +166,22 @@ def test_recompile_limit_is_an_error_with_dynamo_reason():
         assert len(m._cpfx.graphs) == n == 2
 
 
-def test_attention_counted_once_per_signature_and_strict():
-    from tests.models import build
+def test_diagnose_names_the_recompile_and_its_reason():
+    torch._dynamo.reset()
+    m, kw = build("flux")
+    with fake_world(2), torch.no_grad():
+        cpfx.parallelize(m, _mesh(), cpfx.ParallelConfig(check_collectives=False))
+        m(**kw)
+        m(**build("flux", img=32)[1])
+        d = cpfx.diagnose(m)
+    first, second = d.graphs
+    assert first.recompile_reason is None, first
+    assert "size mismatch" in second.recompile_reason, second
+    assert d.recompiles == 1 and "recompiled because: " in str(d)
+    assert [s.call for s in d.signatures] == [1, 2]
 
+
+def test_attention_counted_once_per_signature_and_strict():
     torch._dynamo.reset()
     m, kw = build("flux", layers=1, single=2)
     block = m.single_transformer_blocks[0]
@@ -190,7 +206,6 @@ def test_attention_counted_once_per_signature_and_strict():
 def test_disabled_attention_not_observed_by_dynamo():
     """The observer (a dispatch mode that ignores compile internals) does not make Dynamo
     recompile or fall back: a second call reuses every graph."""
-    from tests.models import build
 
     torch._dynamo.reset()
     m, kw = build("flux")
@@ -224,7 +239,7 @@ def test_input_digest_sees_permutations_and_nan_payloads():
 
 
 def test_take_pieces_accepts_no_pieces():
-    from cpfx.comm import take_pieces
+    from cpfx.sharding.placement import take_pieces
 
     x = torch.randn(2, 5, 3)
     assert take_pieces(x, 1, []).shape == (2, 0, 3)
@@ -256,8 +271,6 @@ def test_check_collectives_compares_sizes():
 
 
 def test_dump_refuses_symlinks_and_separates_models(tmp_path):
-    from tests.models import build
-
     root = tmp_path / "dumps"
     target = tmp_path / "elsewhere"
     target.mkdir()
@@ -273,7 +286,7 @@ def test_dump_refuses_symlinks_and_separates_models(tmp_path):
         cpfx.parallelize(b, _mesh(), cfg)
         a(**kw)
         b(**kw)
-        dirs = sorted(p.name for p in root.iterdir())
+        dirs = sorted((p.name for p in root.iterdir()), key=lambda d: int(d.rsplit("-", 1)[1]))
         assert dirs == [f"FluxTransformer2DModel-{first}", f"FluxTransformer2DModel-{first + 1}"]
         for d in dirs:
             assert (root / d / "rank0" / "graph0" / "00_captured.py").exists()
@@ -291,7 +304,7 @@ def test_dump_refuses_symlinks_and_separates_models(tmp_path):
 
 
 def test_world_size_one_exact(pools):
-    res = pools(1).run("tests.tasks:parity", model="flux")
+    res = pools(1).run(parity, model="flux")
     assert res[0]["max_abs"] == 0.0, res
     assert res[0]["counters"] == {}  # no rewrite at all
 
@@ -302,7 +315,7 @@ def test_world_size_one_exact(pools):
 def test_lora_strengths_parallel_and_exact(pools):
     pytest.importorskip("peft")
     strengths = [0.1 * i for i in range(1, 13)]
-    for res in pools(2).run("tests.tasks:lora_sweep", strengths=strengths):
+    for res in pools(2).run(lora_sweep, strengths=strengths):
         assert max(res["diffs"]) <= 1e-5, res
         assert min(res["collectives"]) > 0, res  # never a call Dynamo ran eagerly
         assert res["graphs"] == 2, res  # first strength, then the scale becomes a graph input
@@ -310,13 +323,13 @@ def test_lora_strengths_parallel_and_exact(pools):
 
 def test_two_same_class_models_six_sizes(pools):
     sizes = [16, 24, 32, 40, 48, 64]
-    for res in pools(2).run("tests.tasks:same_class_sizes", sizes=sizes):
+    for res in pools(2).run(same_class_sizes, sizes=sizes):
         assert max(res["diffs"]) <= 1e-5, res
         assert min(res["collectives"]) > 0, res
 
 
 def test_attention_in_disabled_region_warns(pools):
-    for res in pools(2).run("tests.tasks:attention_in_disabled_region", strict=False):
+    for res in pools(2).run(attention_in_disabled_region, strict=False):
         assert res["max_abs"] <= 1e-5, res
         (msg,) = res["warnings"]
         assert "single_transformer_blocks.1.attn (x1)" in msg and "2 ran context-parallel" in msg
@@ -324,13 +337,13 @@ def test_attention_in_disabled_region_warns(pools):
 
 
 def test_attention_in_disabled_region_strict_raises(pools):
-    for res in pools(2).run("tests.tasks:attention_in_disabled_region", strict=True):
+    for res in pools(2).run(attention_in_disabled_region, strict=True):
         assert res["error"].startswith("UnsupportedPatternError"), res
         assert "single_transformer_blocks.1.attn" in res["error"], res
 
 
 def test_rank_seeded_inputs_raise_by_default(pools):
-    for res in pools(2).run("tests.tasks:rank_seeded_inputs"):
+    for res in pools(2).run(rank_seeded_inputs):
         assert res.startswith("RankDivergenceError") and "hidden_states" in res, res
 
 
@@ -340,7 +353,7 @@ def test_cache_dit_same_image_as_single_process(pools, mode):
     loop is traced by Dynamo (only its bookkeeping is compiler-disabled), so all 6 attentions of the
     first step run parallel; "blocks" parallelizes each block instead (also exact)."""
     pytest.importorskip("cache_dit")
-    for res in pools(2).run("tests.tasks:cache_dit_pipeline", mode=mode):
+    for res in pools(2).run(cache_dit_pipeline, mode=mode):
         assert res["cache_effect"] > 1e-3, res  # the cache did change the image...
         assert res["max_abs"] <= 1e-5, res  # ...identically on 2 ranks and in one process
         assert res["warnings"] == [], res
@@ -395,3 +408,172 @@ def test_float_attributes_become_inputs_or_specialize():
             m.fill = f
             torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
     assert len(graphs) == 5, len(graphs)  # + one per fill value
+
+
+# --- tasks run by every rank of a gloo pool --------------------------------------------------
+
+
+def _call_counting_collectives(m: torch.nn.Module, kw: dict[str, Any]) -> tuple[Any, int]:
+    """`m(**kw)` and the number of collectives it issued (0 if Dynamo ran it eagerly)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            return True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            ns = func.namespace
+            if (ns == "_c10d_functional" and "wait" not in func.__name__) or ns == "cpfx":
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        out = m(**kw)
+    return out, c.n
+
+
+def lora_sweep(strengths: list[float]) -> dict[str, Any]:
+    """One LoRA adapter, a different strength each call: exact, and collectives on every call."""
+    from peft import LoraConfig
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    m.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), "a"
+    )
+    refs = []
+    with torch.no_grad():
+        for s in strengths:
+            m.set_adapters(["a"], [s])
+            refs.append(m(**kw)[0])
+    cpfx.parallelize(m, make_mesh())
+    diffs, collectives = [], []
+    with torch.no_grad():
+        for s, ref in zip(strengths, refs):
+            m.set_adapters(["a"], [s])
+            out, n = _call_counting_collectives(m, kw)
+            diffs.append((out[0] - ref).abs().max().item())
+            collectives.append(n)
+    return {"diffs": diffs, "collectives": collectives, "graphs": len(m._cpfx["graphs"])}
+
+
+def same_class_sizes(sizes: list[int]) -> dict[str, Any]:
+    """Two models of one class (Wan 2.2's two experts), each called at every size in turn."""
+    import cpfx
+
+    fresh()
+    models = [build("flux", seed=s)[0] for s in (0, 1)]
+    cases = []
+    with torch.no_grad():
+        for n in sizes:
+            for m in models:
+                kw = build("flux", img=n)[1]
+                cases.append((m, kw, m(**kw)[0]))
+    mesh = make_mesh()
+    for m in models:
+        cpfx.parallelize(m, mesh)
+    diffs, collectives = [], []
+    with torch.no_grad():
+        for m, kw, ref in cases:
+            out, n = _call_counting_collectives(m, kw)
+            diffs.append((out[0] - ref).abs().max().item())
+            collectives.append(n)
+    return {"diffs": diffs, "collectives": collectives}
+
+
+def attention_in_disabled_region(strict: bool) -> dict[str, Any]:
+    """A block whose forward is `torch.compiler.disable`d: its attention runs outside cpfx."""
+    import warnings
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux", layers=1, single=2)
+    with torch.no_grad():
+        ref = m(**kw)[0]
+    block = m.single_transformer_blocks[1]
+    block.forward = torch.compiler.disable(block.forward)
+    mesh = make_mesh()
+    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(strict=True) if strict else None)
+    out: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            out["max_abs"] = (m(**kw)[0] - ref).abs().max().item()
+        except cpfx.CpfxError as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+        first = [str(w.message) for w in caught if issubclass(w.category, cpfx.CpfxWarning)]
+        caught.clear()
+        if "error" not in out:
+            m(**kw)
+        later = [str(w.message) for w in caught if issubclass(w.category, cpfx.CpfxWarning)]
+    out.update(warnings=first, later_warnings=later)
+    return out
+
+
+def rank_seeded_inputs() -> str:
+    """Inputs drawn from a generator seeded with the rank, default config."""
+    import cpfx
+
+    fresh()
+    m, kw = build("flux", seed=dist.get_rank())
+    cpfx.parallelize(m, make_mesh())
+    return divergence(m, kw)
+
+
+def cache_dit_pipeline(mode: str = "model", steps: int = 8) -> dict[str, Any]:
+    """A tiny FluxPipeline with cache-dit's DBCache: the same image as the single process with the
+    same cache. mode "model": parallelize the transformer, then enable_cache; "blocks":
+    enable_cache, then parallelize each transformer block (the blocks the cache runs)."""
+    import warnings
+
+    import cache_dit
+
+    import cpfx
+
+    fresh()
+
+    def pipeline() -> Any:
+        return flux_pipeline(build("flux", img=64, txt=8, layers=2, single=4)[0])
+
+    def cache(pipe: Any) -> None:
+        cfg = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1,
+            Bn_compute_blocks=0,
+            residual_diff_threshold=0.8,
+            max_warmup_steps=2,
+        )
+        cache_dit.enable_cache(pipe, cache_config=cfg)
+
+    ref_pipe = pipeline()
+    cache(ref_pipe)
+    ref = flux_images(ref_pipe, steps)
+    uncached = flux_images(pipeline(), steps)
+    pipe = pipeline()
+    mesh = make_mesh()
+    t = pipe.transformer
+    blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
+    if mode == "model":
+        cpfx.parallelize(t, mesh)
+        cache(pipe)
+    else:
+        cache(pipe)
+        for b in blocks:
+            cpfx.parallelize(b, mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img = flux_images(pipe, steps)
+    reports = t._cpfx.reports if mode == "model" else blocks[0]._cpfx.reports
+    return {
+        "max_abs": (img - ref).abs().max().item(),
+        "cache_effect": (ref - uncached).abs().max().item(),
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, cpfx.CpfxWarning)],
+        "first_call": (reports[0].parallel, reports[0].outside_total),
+        "block_calls": [b._cpfx.calls for b in blocks] if mode == "blocks" else None,
+    }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cpfx
+from cpfx.testing.parity import compare, fresh
 from tests.graphs import fake_world
 
 TOL = 1e-5
@@ -153,24 +154,9 @@ def build(name: str, seed: int = 0):
 
 
 def parity(name: str, names: tuple[str, ...] = ("ulysses",), config: dict | None = None) -> dict:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch._dynamo.reset()
-    cpfx.reset_counters()
+    fresh()
     m, kw = build(name)
-    with torch.no_grad():
-        ref = m(**kw)
-    ref = ref[0] if isinstance(ref, tuple) else ref
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=names)
-    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(**(config or {})))
-    with torch.no_grad():
-        out = m(**kw)
-    out = out[0] if isinstance(out, tuple) else out
-    return {
-        "max_abs": (out - ref).abs().max().item(),
-        "counters": {k: dict(v) for k, v in cpfx.counters.items()},
-    }
+    return compare(m, kw, mesh_names=names, config=config)
 
 
 CASES = ["data_copy", "inplace_mask", "per_tensor_quant", "slice_keys", "causal",
@@ -180,7 +166,7 @@ CASES = ["data_copy", "inplace_mask", "per_tensor_quant", "slice_keys", "causal"
 @pytest.mark.parametrize("names", [("ulysses",), ("ring",)], ids=["ulysses", "ring"])
 @pytest.mark.parametrize("name", CASES)
 def test_parity(pools, name, names):
-    results = pools(2).run("tests.test_soundness:parity", name=name, names=names,
+    results = pools(2).run(parity, name=name, names=names,
                            config={"verify": True})
     for r, res in enumerate(results):
         assert res["max_abs"] <= TOL, f"rank {r}: {res['max_abs']:.3g}"
@@ -188,7 +174,7 @@ def test_parity(pools, name, names):
 
 
 def test_uneven_three_ranks(pools):
-    for res in pools(3).run("tests.test_soundness:parity", name="cogvideox_frames"):
+    for res in pools(3).run(parity, name="cogvideox_frames"):
         assert res["max_abs"] <= TOL
 
 

@@ -3,7 +3,13 @@ every parameter's gradient on every rank vs the single process, same weights, sa
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import torch
+
+from cpfx.testing.parity import first_output, fresh, make_mesh
+from cpfx.testing.tiny import build
 
 pytestmark = pytest.mark.ranks
 
@@ -22,16 +28,94 @@ def check(results):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("model", ["flux", "qwen", "wan"])
 def test_ulysses_gradients(pools, model, world):
-    res = check(pools(world).run("tests.tasks:train_grads", model=model))
+    res = check(pools(world).run(train_grads, model=model))
     assert res["counters"]["lower_attention"]["ulysses"] >= 2
     assert res["counters"]["shard_tokens"]["grad_sum"] > 0
 
 
 def test_input_gradient_batch_two_odd_lengths(pools):
-    check(pools(3).run("tests.tasks:train_grads", model="flux", input_grad=True, batch2=True,
+    check(pools(3).run(train_grads, model="flux", input_grad=True, batch2=True,
                        model_kwargs={"img": 62, "txt": 7}))
 
 
 def test_ring_refused_in_training(pools):
     with pytest.raises(RuntimeError, match="CpfxError.*ring attention"):
-        pools(2).run("tests.tasks:train_grads", model="flux", mesh_names=("ring",))
+        pools(2).run(train_grads, model="flux", mesh_names=("ring",))
+
+
+# --- the task every rank of the pool runs -----------------------------------------------------
+
+
+def train_grads(
+    model: str,
+    mesh_shape: tuple[int, ...] | None = None,
+    mesh_names: tuple[str, ...] = ("ulysses",),
+    config: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    steps: int = 2,
+    input_grad: bool = False,
+    batch2: bool = False,
+) -> dict[str, Any]:
+    """Gradients of every parameter (and of `hidden_states` with `input_grad`), train mode, vs
+    the single process: a loss on the full output with fixed random weights, `steps` backward
+    passes (the second call reuses the compiled graphs)."""
+    import copy
+
+    import cpfx
+
+    fresh()
+    m, kw = build(model, **(model_kwargs or {}))
+    if batch2:  # a second, different sample: every per-sample input gets one more row
+        for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
+            x = kw[k]
+            kw[k] = torch.cat([x, x * 0.5 + 0.1])
+    m.train()
+    ref_m = copy.deepcopy(m)
+
+    def loss_of(mod: torch.nn.Module, inputs: dict[str, Any], w: torch.Tensor | None):
+        out = first_output(mod(**inputs))[0]
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)) if w is None else w
+        return (out * w).sum(), w
+
+    def grads(mod: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in mod.named_parameters() if p.grad is not None}
+        if input_grad:
+            out["<hidden_states>"] = inputs["hidden_states"].grad.clone()
+        return out
+
+    def run(mod: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+        res, w = [], None
+        for _ in range(steps):
+            mod.zero_grad(set_to_none=True)
+            inputs = dict(kw)
+            if input_grad:
+                inputs["hidden_states"] = kw["hidden_states"].clone().requires_grad_(True)
+            loss, w = loss_of(mod, inputs, w)
+            loss.backward()
+            res.append(grads(mod, inputs))
+        return res
+
+    ref = run(ref_m)
+    mesh = make_mesh(mesh_shape, mesh_names)
+    cpfx.parallelize(m, mesh, cpfx.ParallelConfig(**(config or {})))
+    got = run(m)
+    worst, worst_name, missing, errs = 0.0, "", [], {}
+    for r_step, g_step in zip(ref, got):
+        for name, r in r_step.items():
+            g = g_step.get(name)
+            if g is None:
+                missing.append(name)
+                continue
+            err = ((g - r).abs().max() / max(1.0, r.abs().max().item())).item()
+            errs[name] = max(err, errs.get(name, 0.0))
+            if err > worst:
+                worst, worst_name = err, name
+    counters = {k: dict(v) for k, v in cpfx.counters.items()}
+    return {
+        "max_rel": worst,
+        "worst": worst_name,
+        "missing": missing,
+        "params": len(ref[0]),
+        "errors": errs,
+        "counters": counters,
+    }

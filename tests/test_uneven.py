@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from cpfx.testing.parity import fresh, make_mesh, parity
 from tests.graphs import payload_bytes, rewrite
 from tests.test_parity import check
 
@@ -12,7 +15,7 @@ ODD = {"img": 1023, "txt": 77}
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_flux_1023_plus_77_tokens(pools, world):
-    check(pools(world).run("tests.tasks:parity", model="flux", model_kwargs=ODD))
+    check(pools(world).run(parity, model="flux", model_kwargs=ODD))
 
 
 @pytest.mark.parametrize(
@@ -28,28 +31,20 @@ def test_flux_1023_plus_77_tokens(pools, world):
 )
 def test_heads_not_divisible(pools, world, heads, mode):
     kw = {"heads": heads, "img": 64, "txt": 8}
-    check(
-        pools(world).run(
-            "tests.tasks:parity", model="flux", model_kwargs=kw, config={"head_padding": mode}
-        )
-    )
+    check(pools(world).run(parity, model="flux", model_kwargs=kw, config={"head_padding": mode}))
 
 
 def test_uneven_heads_and_sequence_together(pools):
     kw = {"heads": 7, "img": 61, "txt": 7}
-    check(pools(4).run("tests.tasks:parity", model="flux", model_kwargs=kw))
-    check(
-        pools(4).run(
-            "tests.tasks:parity", model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}
-        )
-    )
+    check(pools(4).run(parity, model="flux", model_kwargs=kw))
+    check(pools(4).run(parity, model="qwen", model_kwargs={"heads": 3, "h": 6, "w": 10, "txt": 7}))
 
 
 @pytest.mark.parametrize("rotate", ["p2p", "allgather"])
 def test_ring_uneven(pools, rotate):
     check(
         pools(3).run(
-            "tests.tasks:parity",
+            parity,
             model="flux",
             model_kwargs={"img": 61, "txt": 7},
             mesh_names=("ring",),
@@ -58,7 +53,7 @@ def test_ring_uneven(pools, rotate):
     )
     check(
         pools(3).run(
-            "tests.tasks:parity",
+            parity,
             model="qwen",
             model_kwargs={"h": 6, "w": 10, "txt": 7},
             mesh_names=("ring",),
@@ -70,7 +65,7 @@ def test_ring_uneven(pools, rotate):
 def test_usp_uneven_sequence_and_heads(pools):
     check(
         pools(4).run(
-            "tests.tasks:parity",
+            parity,
             model="flux",
             model_kwargs={"heads": 3, "img": 61, "txt": 7},
             mesh_shape=(2, 2),
@@ -80,9 +75,7 @@ def test_usp_uneven_sequence_and_heads(pools):
 
 
 def test_wan_uneven(pools):
-    check(
-        pools(3).run("tests.tasks:parity", model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4})
-    )
+    check(pools(3).run(parity, model="wan", model_kwargs={"h": 6, "w": 10, "heads": 4}))
 
 
 def test_bytes_padded_vs_padding_free():
@@ -109,5 +102,47 @@ def test_bytes_padded_vs_padding_free():
     ],
 )
 def test_gqa(pools, world, heads, kv_heads, names):
-    res = pools(world).run("tests.tasks:gqa_parity", heads=heads, kv_heads=kv_heads, names=names)
+    res = pools(world).run(gqa_parity, heads=heads, kv_heads=kv_heads, names=names)
     assert max(res) <= 1e-5, res
+
+
+# --- tasks run by every rank of a gloo pool --------------------------------------------------
+
+
+class GQAAttention(torch.nn.Module):
+    """Self-attention with fewer K/V heads than query heads (enable_gqa), a mask and RoPE-like scale."""
+
+    def __init__(self, heads: int, kv_heads: int, dim: int = 16):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, dim
+        self.q = torch.nn.Linear(32, heads * dim)
+        self.k = torch.nn.Linear(32, kv_heads * dim)
+        self.v = torch.nn.Linear(32, kv_heads * dim)
+        self.o = torch.nn.Linear(heads * dim, 32)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.h, self.d)).transpose(1, 2)
+        k = self.k(x).unflatten(-1, (self.kv, self.d)).transpose(1, 2)
+        v = self.v(x).unflatten(-1, (self.kv, self.d)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True, scale=0.3
+        )
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+def gqa_parity(
+    heads: int, kv_heads: int, tokens: int = 30, names: tuple[str, ...] = ("ulysses",)
+) -> float:
+    import cpfx
+
+    fresh()
+    torch.manual_seed(0)
+    m = GQAAttention(heads, kv_heads).eval()
+    x = torch.randn(1, tokens, 32)
+    mask = torch.rand(1, tokens) > 0.3
+    with torch.no_grad():
+        ref = m(x, mask)
+        cpfx.parallelize(m, make_mesh((dist.get_world_size(),), names))
+        out = m(x, mask)
+    assert cpfx.counters["shard_tokens"]["attention_sharded"] == 1
+    return (out - ref).abs().max().item()

@@ -71,30 +71,16 @@ class Layout:
         starts = [sum(sizes[:r]) for r in range(world)]
         return Layout.make(size, [[(starts[r], sizes[r])] for r in range(world)])
 
-    simple = even
-
     # --- reading -------------------------------------------------------------------------
     @property
     def world(self) -> int:
         return len(self.parts)
-
-    @property
-    def global_size(self) -> int:
-        return self.size
 
     def pieces(self, rank: int) -> list[Range]:
         return list(self.parts[rank])
 
     def local_size(self, rank: int) -> int:
         return sum(n for _, n in self.parts[rank])
-
-    def local_sizes(self) -> tuple[int, ...]:
-        return tuple(self.local_size(r) for r in range(self.world))
-
-    @property
-    def even_split(self) -> bool:
-        """Every rank holds the same number of items."""
-        return len(set(self.local_sizes())) == 1
 
     def ranks_pieces(self, ranks: Sequence[int]) -> list[Range]:
         """Global ranges held by `ranks`, in that order (the order a gather over them gives)."""

@@ -73,9 +73,6 @@ class ShardPlan:
             return self.nodes[n].placement
         return REPLICATE
 
-    def sharded_nodes(self) -> list[fx.Node]:
-        return [n for n, p in self.nodes.items() if isinstance(p.placement, Shard)]
-
 
 # --- building an OpCall from a node ------------------------------------------------------------
 
@@ -156,15 +153,17 @@ def _producers(n: fx.Node, t: int, world: int) -> list[tuple[fx.Node, int]]:
     """Operands (and their dims) that carry dim `t` of `n`'s output through `n` unchanged."""
     if n.op != "call_function":
         return []
-    out_index = None
-    if n.target is operator.getitem and not isinstance(val(n.args[0]), torch.Tensor):
-        n, out_index = n.args[0], n.args[1]
+    out_index: int | None = None
+    args: tuple[Any, ...] = n.args
+    if n.target is operator.getitem and not isinstance(val(args[0]), torch.Tensor):
+        n, out_index = args[0], args[1]  # one output of a multi-output op
         if n.op != "call_function":
             return []
+        args = n.args
     if n.target == aten.cat.default and out_index is None:
         v = val(n)
-        if rules.norm_dim(n.args[1] if len(n.args) > 1 else 0, v.ndim) == t:
-            return [(x, t) for x in n.args[0] if val(x).ndim == v.ndim and val(x).shape[t] > 0]
+        if rules.norm_dim(args[1] if len(args) > 1 else 0, v.ndim) == t:
+            return [(x, t) for x in args[0] if val(x).ndim == v.ndim and val(x).shape[t] > 0]
     v = val(n) if out_index is None else val(n)[out_index]
     size = v.shape[t]
     found = []

@@ -15,7 +15,6 @@ cases that together cover the distinct attention patterns, for the test suite.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -100,6 +99,18 @@ def _text_ids(n: int, axes: int = 3, along_last: bool = False) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Input makers, one per case (alphabetical by class)
+
+
+def _flux_family(seed: int, txt: int, pooled: bool = False, **more: Any) -> Inputs:
+    """Inputs of the Flux-like classes: batch 2, a 5 x 7 grid of 4-channel latents, `txt` text
+    tokens 32 wide, position ids; `pooled` adds pooled projections, `more` further inputs."""
+    g = _gen(seed)
+    b, h, w = 2, 5, 7
+    kw = {"hidden_states": _randn(g, b, h * w, 4), "encoder_hidden_states": _randn(g, b, txt, 32)}
+    if pooled:
+        kw["pooled_projections"] = _randn(g, b, 32)
+    kw.update(timestep=torch.tensor([0.7, 0.3]), img_ids=_grid_ids(h, w), txt_ids=_text_ids(txt))
+    return {**kw, **more, "return_dict": False}
 
 
 def _ace_step(seed: int) -> Inputs:
@@ -192,32 +203,14 @@ def _bria_fibo(seed: int) -> Inputs:
 
 
 def _bria(seed: int) -> Inputs:
-    g = _gen(seed)
-    b, h, w, txt = 2, 5, 7, 13
-    return {
-        "hidden_states": _randn(g, b, h * w, 4),
-        "encoder_hidden_states": _randn(g, b, txt, 32),
-        "timestep": torch.tensor([0.7, 0.3]),
-        "img_ids": _grid_ids(h, w),
-        "txt_ids": _text_ids(txt),
-        "return_dict": False,
-    }
+    return _flux_family(seed, 13)
 
 
 def _chroma(seed: int) -> Inputs:
-    g = _gen(seed)
-    b, h, w, txt = 2, 5, 7, 13
     # ChromaPipeline: the text mask keeps one padding token, then ones over the image tokens.
-    text_mask = _lengths_mask([txt, 9], txt)
-    return {
-        "hidden_states": _randn(g, b, h * w, 4),
-        "encoder_hidden_states": _randn(g, b, txt, 32),
-        "timestep": torch.tensor([0.7, 0.3]),
-        "img_ids": _grid_ids(h, w),
-        "txt_ids": _text_ids(txt),
-        "attention_mask": torch.cat([text_mask, torch.ones(b, h * w, dtype=torch.bool)], dim=1),
-        "return_dict": False,
-    }
+    text_mask = _lengths_mask([13, 9], 13)
+    image = torch.ones(2, 5 * 7, dtype=torch.bool)
+    return _flux_family(seed, 13, attention_mask=torch.cat([text_mask, image], dim=1))
 
 
 def _chronoedit(frames: int, image: bool) -> Callable[[int], Inputs]:
@@ -368,13 +361,7 @@ def _dit(seed: int) -> Inputs:
 
 
 def _dreamlite(seed: int) -> Inputs:
-    g = _gen(seed)
-    return {
-        "hidden_states": _randn(g, 2, 32, 5, 7),  # a UNet feature map: 35 tokens
-        "encoder_hidden_states": _randn(g, 2, 9, 16),
-        "encoder_attention_mask": _lengths_mask([9, 6], 9, torch.long),
-        "return_dict": False,
-    }
+    return _transformer_2d_continuous(seed)  # the same UNet feature map and text
 
 
 def _easyanimate(seed: int) -> Inputs:
@@ -443,18 +430,7 @@ def _flux3(image_cond: bool) -> Callable[[int], Inputs]:
 
 
 def _flux(seed: int) -> Inputs:
-    g = _gen(seed)
-    b, h, w, txt = 2, 5, 7, 11
-    return {
-        "hidden_states": _randn(g, b, h * w, 4),
-        "encoder_hidden_states": _randn(g, b, txt, 32),
-        "pooled_projections": _randn(g, b, 32),
-        "timestep": torch.tensor([0.7, 0.3]),
-        "img_ids": _grid_ids(h, w),
-        "txt_ids": _text_ids(txt),
-        "guidance": torch.tensor([3.5, 3.5]),
-        "return_dict": False,
-    }
+    return _flux_family(seed, 11, pooled=True, guidance=torch.tensor([3.5, 3.5]))
 
 
 def _glm_image(seed: int) -> Inputs:
@@ -747,17 +723,7 @@ def _longcat_audio_dit(seed: int) -> Inputs:
 
 
 def _longcat_image(seed: int) -> Inputs:
-    g = _gen(seed)
-    b, h, w, txt = 2, 5, 7, 11
-    return {
-        "hidden_states": _randn(g, b, h * w, 4),
-        "encoder_hidden_states": _randn(g, b, txt, 32),
-        "timestep": torch.tensor([0.7, 0.3]),
-        "img_ids": _grid_ids(h, w),
-        "txt_ids": _text_ids(txt),
-        "guidance": torch.tensor([3.5, 3.5]),
-        "return_dict": False,
-    }
+    return _flux_family(seed, 11, guidance=torch.tensor([3.5, 3.5]))
 
 
 def _lumina2(seed: int) -> Inputs:
@@ -870,16 +836,7 @@ def _omnigen(seed: int) -> Inputs:
 
 
 def _ovis_image(seed: int) -> Inputs:
-    g = _gen(seed)
-    b, h, w, txt = 2, 5, 7, 11
-    return {
-        "hidden_states": _randn(g, b, h * w, 4),
-        "encoder_hidden_states": _randn(g, b, txt, 32),
-        "timestep": torch.tensor([0.7, 0.3]),
-        "img_ids": _grid_ids(h, w),
-        "txt_ids": _text_ids(txt),
-        "return_dict": False,
-    }
+    return _flux_family(seed, 11)
 
 
 def _prx(seed: int) -> Inputs:
@@ -1254,6 +1211,93 @@ _COSMOS_INIT = {
     "extra_pos_embed_type": "learnable",
 }
 
+_CHRONOEDIT_INIT = dict(
+    _WAN_INIT,
+    in_channels=36,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=16,
+    image_dim=16,
+    rope_max_seq_len=64,
+    rope_temporal_skip_len=8,
+)
+
+_FLUX2_INIT = {
+    "patch_size": 1,
+    "in_channels": 4,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "timestep_guidance_channels": 256,
+    "axes_dims_rope": (4, 4, 4, 4),
+}
+
+_FLUX3_INIT = {
+    "in_channels": 8,
+    "cond_in_channels": 8,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "timestep_channels": 32,
+    "axes_dims_rope": (4, 4, 4, 4),
+}
+
+_KANDINSKY6_INIT = {
+    "in_visual_dim": 4,
+    "out_visual_dim": 4,
+    "in_text_dim": 32,
+    "in_text_dim2": 16,
+    "time_dim": 16,
+    "model_dim": 32,
+    "ff_dim": 64,
+    "num_text_blocks": 1,
+    "num_visual_blocks": 2,
+    "axes_dims": (4, 6, 6),
+    "in_audio_dim": 20,
+    "out_audio_dim": 20,
+}
+
+_QWENIMAGE21_INIT = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "context_in_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+_QWENIMAGE_INIT = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 16,
+    "guidance_embeds": False,
+    "axes_dims_rope": (8, 4, 4),
+}
+
+_SD3_INIT = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "caption_projection_dim": 32,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 64,
+    "out_channels": 4,
+    "pos_embed_max_size": 96,
+}
+
 CASES: tuple[Case, ...] = (
     Case(
         "ace_step",
@@ -1428,32 +1472,14 @@ CASES: tuple[Case, ...] = (
     Case(
         "chronoedit",
         "ChronoEditTransformer3DModel",
-        dict(
-            _WAN_INIT,
-            in_channels=36,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=16,
-            image_dim=16,
-            rope_max_seq_len=64,
-            rope_temporal_skip_len=8,
-        ),
+        _CHRONOEDIT_INIT,
         _chronoedit(2, image=True),
         "Wan I2V; 2 frames: temporal RoPE skips to the last position",
     ),
     Case(
         "chronoedit_reasoning",
         "ChronoEditTransformer3DModel",
-        dict(
-            _WAN_INIT,
-            in_channels=36,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=16,
-            image_dim=16,
-            rope_max_seq_len=64,
-            rope_temporal_skip_len=8,
-        ),
+        _CHRONOEDIT_INIT,
         _chronoedit(3, image=True),
         "Wan I2V with temporal reasoning frames (ordinary temporal RoPE)",
     ),
@@ -1649,68 +1675,28 @@ CASES: tuple[Case, ...] = (
     Case(
         "flux2",
         "Flux2Transformer2DModel",
-        {
-            "patch_size": 1,
-            "in_channels": 4,
-            "num_layers": 1,
-            "num_single_layers": 1,
-            "attention_head_dim": 16,
-            "num_attention_heads": 2,
-            "joint_attention_dim": 32,
-            "timestep_guidance_channels": 256,
-            "axes_dims_rope": (4, 4, 4, 4),
-        },
+        _FLUX2_INIT,
         _flux2(ref_tokens=0),
         "[txt | img] joint attention; 4-axis RoPE from batched ids",
     ),
     Case(
         "flux2_ref",
         "Flux2Transformer2DModel",
-        {
-            "patch_size": 1,
-            "in_channels": 4,
-            "num_layers": 1,
-            "num_single_layers": 1,
-            "attention_head_dim": 16,
-            "num_attention_heads": 2,
-            "joint_attention_dim": 32,
-            "timestep_guidance_channels": 256,
-            "axes_dims_rope": (4, 4, 4, 4),
-        },
+        _FLUX2_INIT,
         _flux2(ref_tokens=4),
         "reference-image tokens ahead of the target with their own fixed timestep",
     ),
     Case(
         "flux3",
         "Flux3Transformer2DModel",
-        {
-            "in_channels": 8,
-            "cond_in_channels": 8,
-            "num_layers": 1,
-            "num_single_layers": 1,
-            "attention_head_dim": 16,
-            "num_attention_heads": 2,
-            "joint_attention_dim": 32,
-            "timestep_channels": 32,
-            "axes_dims_rope": (4, 4, 4, 4),
-        },
+        _FLUX3_INIT,
         _flux3(image_cond=False),
         "per-mode blocks (text, image apart), then joint single blocks; per-token modulation",
     ),
     Case(
         "flux3_i2i",
         "Flux3Transformer2DModel",
-        {
-            "in_channels": 8,
-            "cond_in_channels": 8,
-            "num_layers": 1,
-            "num_single_layers": 1,
-            "attention_head_dim": 16,
-            "num_attention_heads": 2,
-            "joint_attention_dim": 32,
-            "timestep_channels": 32,
-            "axes_dims_rope": (4, 4, 4, 4),
-        },
+        _FLUX3_INIT,
         _flux3(image_cond=True),
         "as flux3 with reference-image tokens: [txt | img | ref] in the joint blocks",
     ),
@@ -1948,40 +1934,14 @@ CASES: tuple[Case, ...] = (
     Case(
         "kandinsky6",
         "Kandinsky6Transformer3DModel",
-        {
-            "in_visual_dim": 4,
-            "out_visual_dim": 4,
-            "in_text_dim": 32,
-            "in_text_dim2": 16,
-            "time_dim": 16,
-            "model_dim": 32,
-            "ff_dim": 64,
-            "num_text_blocks": 1,
-            "num_visual_blocks": 2,
-            "axes_dims": (4, 6, 6),
-            "in_audio_dim": 20,
-            "out_audio_dim": 20,
-        },
+        _KANDINSKY6_INIT,
         _kandinsky6(audio=False),
         "video with text cross-attention and a padded text mask",
     ),
     Case(
         "kandinsky6_audio",
         "Kandinsky6Transformer3DModel",
-        {
-            "in_visual_dim": 4,
-            "out_visual_dim": 4,
-            "in_text_dim": 32,
-            "in_text_dim2": 16,
-            "time_dim": 16,
-            "model_dim": 32,
-            "ff_dim": 64,
-            "num_text_blocks": 1,
-            "num_visual_blocks": 2,
-            "axes_dims": (4, 6, 6),
-            "in_audio_dim": 20,
-            "out_audio_dim": 20,
-        },
+        _KANDINSKY6_INIT,
         _kandinsky6(audio=True),
         "fused video + audio streams with cross-modal attention; two outputs",
     ),
@@ -2319,66 +2279,28 @@ CASES: tuple[Case, ...] = (
     Case(
         "qwenimage21",
         "QwenImage21Transformer2DModel",
-        {
-            "patch_size": 1,
-            "in_channels": 16,
-            "out_channels": 16,
-            "num_layers": 2,
-            "attention_head_dim": 16,
-            "num_attention_heads": 2,
-            "context_in_dim": 32,
-            "axes_dims_rope": (4, 6, 6),
-        },
+        _QWENIMAGE21_INIT,
         _qwenimage21(edit=False),
         "image tokens scattered into vision-language slots; block-causal mask; padded text",
     ),
     Case(
         "qwenimage21_edit",
         "QwenImage21Transformer2DModel",
-        {
-            "patch_size": 1,
-            "in_channels": 16,
-            "out_channels": 16,
-            "num_layers": 2,
-            "attention_head_dim": 16,
-            "num_attention_heads": 2,
-            "context_in_dim": 32,
-            "axes_dims_rope": (4, 6, 6),
-        },
+        _QWENIMAGE21_INIT,
         _qwenimage21(edit=True),
         "as qwenimage21 with a condition image's slots interleaved with the text",
     ),
     Case(
         "qwenimage",
         "QwenImageTransformer2DModel",
-        {
-            "patch_size": 2,
-            "in_channels": 16,
-            "out_channels": 4,
-            "num_layers": 2,
-            "attention_head_dim": 16,
-            "num_attention_heads": 4,
-            "joint_attention_dim": 16,
-            "guidance_embeds": False,
-            "axes_dims_rope": (8, 4, 4),
-        },
+        _QWENIMAGE_INIT,
         _qwenimage(edit=False),
         "[txt | img]; RoPE built inside from img_shapes; text mask with a hole",
     ),
     Case(
         "qwenimage_edit",
         "QwenImageTransformer2DModel",
-        {
-            "patch_size": 2,
-            "in_channels": 16,
-            "out_channels": 4,
-            "num_layers": 2,
-            "attention_head_dim": 16,
-            "num_attention_heads": 4,
-            "joint_attention_dim": 16,
-            "guidance_embeds": False,
-            "axes_dims_rope": (8, 4, 4),
-        },
+        _QWENIMAGE_INIT,
         _qwenimage(edit=True),
         "[txt | target | reference] (Qwen-Image-Edit): two image segments",
     ),
@@ -2408,40 +2330,14 @@ CASES: tuple[Case, ...] = (
     Case(
         "sd3",
         "SD3Transformer2DModel",
-        {
-            "sample_size": 32,
-            "patch_size": 2,
-            "in_channels": 4,
-            "num_layers": 2,
-            "attention_head_dim": 8,
-            "num_attention_heads": 4,
-            "caption_projection_dim": 32,
-            "joint_attention_dim": 32,
-            "pooled_projection_dim": 64,
-            "out_channels": 4,
-            "pos_embed_max_size": 96,
-        },
+        _SD3_INIT,
         _sd3,
         "[img | txt] joint attention (cat on the sequence after a transpose); cropped table",
     ),
     Case(
         "sd35",
         "SD3Transformer2DModel",
-        {
-            "sample_size": 32,
-            "patch_size": 2,
-            "in_channels": 4,
-            "num_layers": 2,
-            "attention_head_dim": 8,
-            "num_attention_heads": 4,
-            "caption_projection_dim": 32,
-            "joint_attention_dim": 32,
-            "pooled_projection_dim": 64,
-            "out_channels": 4,
-            "pos_embed_max_size": 96,
-            "dual_attention_layers": (0,),
-            "qk_norm": "rms_norm",
-        },
+        {**_SD3_INIT, "dual_attention_layers": (0,), "qk_norm": "rms_norm"},
         _sd3,
         "SD3.5: a second image-only attention in the first block; QK RMSNorm",
     ),
@@ -2720,15 +2616,6 @@ FAST: tuple[str, ...] = (
     "ace_step",  # 1-D, GQA, a sliding-window mask built from positions, 23 tokens
 )
 """Ten cases covering the distinct patterns, a few seconds each per strategy: for the test suite."""
-
-
-def diffusers_classes() -> list[str]:
-    """The transformer classes the installed diffusers exports (what `CASES` must cover)."""
-    import diffusers
-
-    return sorted(
-        n for n in dir(diffusers) if "Transformer" in n and inspect.isclass(getattr(diffusers, n))
-    )
 
 
 # ---------------------------------------------------------------------------------------------

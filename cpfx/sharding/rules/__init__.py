@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard
+from cpfx.sharding.placement import REPLICATE, Placement, Shard
 
 aten = torch.ops.aten
 
@@ -69,8 +69,9 @@ class OpCall:
         return self.kwargs.get(name, default)
 
     @property
-    def sharded(self) -> list[Operand]:
-        return [o for o in self.operands if o.shard is not None]
+    def sharded(self) -> list[tuple[Operand, Shard]]:
+        """The sharded operands, each with its sharding."""
+        return [(o, o.placement) for o in self.operands if isinstance(o.placement, Shard)]
 
     def keep(self) -> tuple[Placement, ...]:
         """Every operand as it is."""
@@ -112,9 +113,9 @@ def rule_for(target: Any) -> Rule | None:
     packet = getattr(target, "overloadpacket", None)
     if packet is not None and packet in _RULES:
         return _RULES[packet]
-    from cpfx.sharding.rules.pointwise import is_pointwise, pointwise
+    from cpfx.sharding.rules import pointwise as pw
 
-    return pointwise if is_pointwise(target) else None
+    return pw.pointwise if pw.is_pointwise(target) else None
 
 
 def registered_ops() -> list[Any]:
@@ -123,6 +124,12 @@ def registered_ops() -> list[Any]:
 
 def n_outputs(call: OpCall) -> int | None:
     return len(call.out) if isinstance(call.out, list) else None
+
+
+def out_shapes(call: OpCall) -> list[tuple[int, ...]]:
+    """The output shapes of a multi-output op."""
+    assert isinstance(call.out, list), call.out
+    return call.out
 
 
 def all_replicated(call: OpCall, rule: str = "gather") -> Decision:
@@ -135,9 +142,9 @@ def all_replicated(call: OpCall, rule: str = "gather") -> Decision:
 def decide(call: OpCall) -> Decision:
     """The decision for one op call (see the module doc)."""
     if not call.sharded:
-        d = all_replicated(call, rule="replicated")
-        d.needs = call.keep()
-        return d
+        keep = all_replicated(call, rule="replicated")
+        keep.needs = call.keep()
+        return keep
     rule = rule_for(call.target)
     d = rule(call) if rule is not None else None
     if d is None:
@@ -153,10 +160,6 @@ def norm_dim(d: int, ndim: int) -> int:
 def out_shape(call: OpCall) -> tuple[int, ...]:
     assert isinstance(call.out, tuple), call.out
     return call.out
-
-
-def is_replicate(p: Placement) -> bool:
-    return isinstance(p, Replicate)
 
 
 # Rules register themselves on import.

@@ -13,30 +13,20 @@ mask on a shard: refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import cpfx.ops  # noqa: F401  (registers torch.ops.cpfx.sharded_attention)
 from cpfx.attention import AttnSite
 from cpfx.errors import UnsupportedPatternError
-from cpfx.sharding.placement import REPLICATE, Shard
+from cpfx.graph_utils import sdpa_args
+from cpfx.sharding.placement import REPLICATE, Placement, Shard
 from cpfx.sharding.rules import Decision, OpCall, Operand, aten, register
 
-PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-            "enable_gqa": False}
 
-
-def sdpa_args(call: OpCall) -> dict:
-    out = dict(DEFAULTS)
-    out.update(zip(PARAMS, call.args))
-    out.update(call.kwargs)
-    return out
-
-
-def _need(o: Operand | None, dim: int, size: int, shard: Shard) -> object:
+def _need(o: Operand, dim: int, size: int, shard: Shard) -> Placement:
     """Operand `o` sharded like `shard` along `dim` if it has that dim at full length."""
-    if o is None:
-        return None
     if 0 <= dim < o.ndim and o.shape[dim] == size:
         return Shard(dim, shard.layout)
     return REPLICATE
@@ -44,7 +34,7 @@ def _need(o: Operand | None, dim: int, size: int, shard: Shard) -> object:
 
 @register(aten.scaled_dot_product_attention.default)
 def sdpa(call: OpCall) -> Decision | None:
-    a = sdpa_args(call)
+    a = sdpa_args(call.args, call.kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     mask = a["attn_mask"] if isinstance(a["attn_mask"], Operand) else None
     if a["dropout_p"]:
@@ -58,35 +48,48 @@ def sdpa(call: OpCall) -> Decision | None:
     if q.shard.dim == seq:
         kv = [x.shard for x in (k, v) if x.shard is not None and x.shard.dim == x.ndim - 2]
         if not kv:
-            return _local_queries(call, q, k, v, mask, a)
-        return _context_parallel(call, q, k, v, mask, a, kv[0])
+            return _local_queries(q, q.shard, mask, a)
+        return _context_parallel(call, q, q.shard, k, v, mask, a, kv[0])
     if q.shard.dim < seq:
-        return _batch_parallel(call, q, k, v, mask, a)
+        return _batch_parallel(q, q.shard, k, v, mask, a)
     return None
 
 
-def _local_queries(call, q, k, v, mask, a) -> Decision | None:
-    """Cross-attention to replicated keys: each rank attends with its own queries."""
+def _local_queries(
+    q: Operand, qs: Shard, mask: Operand | None, a: dict[str, Any]
+) -> Decision | None:
+    """Cross-attention to replicated keys: each rank attends with its own queries (`qs`)."""
     if a["is_causal"]:
         return None  # the causal rows of a shard depend on its global position: gathered
-    sq = q.shape[-2]
-    m = _need(mask, mask.ndim - 2, sq, q.shard) if mask is not None else None
-    needs = [q.placement, REPLICATE, REPLICATE] + ([m] if mask is not None else [])
+    needs = [q.placement, REPLICATE, REPLICATE]
+    if mask is not None:
+        needs.append(_need(mask, mask.ndim - 2, q.shape[-2], qs))
     return Decision(tuple(needs), q.placement, rule="attention_local")
 
 
-def _context_parallel(call, q, k, v, mask, a, kv) -> Decision | None:
+def _context_parallel(
+    call: OpCall,
+    q: Operand,
+    qs: Shard,
+    k: Operand,
+    v: Operand,
+    mask: Operand | None,
+    a: dict[str, Any],
+    kv: Shard,
+) -> Decision | None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return None
     if mask is not None and (
-        mask.ndim > 4 or mask.shape[-1] not in (1, k.shape[-2]) or mask.shape[-2] not in (1, q.shape[-2])
+        mask.ndim > 4
+        or mask.shape[-1] not in (1, k.shape[-2])
+        or mask.shape[-2] not in (1, q.shape[-2])
     ):
         return None
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads and not a["enable_gqa"]:
         return None
     site = AttnSite(
-        q_layout=q.shard.layout,
+        q_layout=qs.layout,
         kv_layout=kv.layout,
         batch=q.shape[0],
         heads=heads,
@@ -103,7 +106,7 @@ def _context_parallel(call, q, k, v, mask, a, kv) -> Decision | None:
         where=call.where,
     )
     kvp = Shard(2, kv.layout)
-    needs = [q.placement, kvp, kvp] + ([REPLICATE] if mask is not None else [])
+    needs: list[Placement] = [q.placement, kvp, kvp] + ([REPLICATE] if mask is not None else [])
     return Decision(
         tuple(needs),
         q.placement,
@@ -115,16 +118,18 @@ def _context_parallel(call, q, k, v, mask, a, kv) -> Decision | None:
     )
 
 
-def _batch_parallel(call, q, k, v, mask, a) -> Decision | None:
-    """Sharded along a batch or head dim: every (batch, head) attends on its own rank."""
-    j = q.shard.dim
+def _batch_parallel(
+    q: Operand, qs: Shard, k: Operand, v: Operand, mask: Operand | None, a: dict[str, Any]
+) -> Decision | None:
+    """Sharded along a batch or head dim (`qs`): every (batch, head) attends on its own rank."""
+    j = qs.dim
     if a["enable_gqa"] and j == q.ndim - 3 and q.shape[j] != k.shape[j]:
         return None
-    needs = [q.placement]
+    needs: list[Placement] = [q.placement]
     for x in (k, v):
         if x.ndim != q.ndim or x.shape[j] != q.shape[j]:
             return None
-        needs.append(Shard(j, q.shard.layout))
+        needs.append(Shard(j, qs.layout))
     if mask is not None:
-        needs.append(_need(mask, j - (q.ndim - mask.ndim), q.shape[j], q.shard))
+        needs.append(_need(mask, j - (q.ndim - mask.ndim), q.shape[j], qs))
     return Decision(tuple(needs), q.placement, rule="attention_local")

@@ -6,7 +6,7 @@ rule here: its operand is gathered, so every rank reduces over all tokens, as th
 from __future__ import annotations
 
 from cpfx.sharding.placement import REPLICATE, Shard
-from cpfx.sharding.rules import Decision, OpCall, aten, n_outputs, norm_dim, register
+from cpfx.sharding.rules import Decision, OpCall, Operand, aten, n_outputs, norm_dim, register
 
 
 def _rows(call: OpCall, x_index: int, contract: int) -> Decision | None:
@@ -22,7 +22,7 @@ def _rows(call: OpCall, x_index: int, contract: int) -> Decision | None:
     return Decision(needs, x.placement if k is None else tuple(x.placement for _ in range(k)))
 
 
-def contract_dims(x, last: int) -> range:
+def contract_dims(x: Operand, last: int) -> range:
     """The trailing `last` dims of x."""
     return range(x.ndim - last, x.ndim)
 
@@ -37,14 +37,20 @@ def layer_norm(call: OpCall) -> Decision | None:
     return _rows(call, 0, len(call.arg(1, "normalized_shape")))
 
 
+def _rows_or_columns(a: Operand, b: Operand, rows: int) -> Decision | None:
+    """a @ b where a is sharded along its rows (dim `rows`) or b along its columns (`rows` + 1):
+    each rank multiplies its rows (columns) by the whole other matrix."""
+    if a.shard is not None and a.shard.dim == rows:
+        return Decision((a.placement, REPLICATE), a.placement)
+    if b.shard is not None and b.shard.dim == rows + 1:
+        return Decision((REPLICATE, b.placement), b.placement)
+    return None
+
+
 @register(aten.mm.default)
 def mm(call: OpCall) -> Decision | None:
     a, b = call.operands
-    if a.shard is not None and a.shard.dim == 0:
-        return Decision((a.placement, REPLICATE), a.placement)
-    if b.shard is not None and b.shard.dim == 1:
-        return Decision((REPLICATE, b.placement), b.placement)
-    return None
+    return _rows_or_columns(a, b, 0)
 
 
 @register(aten.addmm.default)
@@ -63,17 +69,13 @@ def addmm(call: OpCall) -> Decision | None:
     return Decision((bias_need, REPLICATE, b.placement), b.placement)
 
 
-def _bmm(a, b) -> Decision | None:
+def _bmm(a: Operand, b: Operand) -> Decision | None:
     """[Bt, M, K] @ [Bt, K, N]: token-wise in the batch, the rows of a, or the columns of b."""
     for x in (a, b):
         if x.shard is not None and x.shard.dim == 0:
             p = Shard(0, x.shard.layout)
             return Decision((p, p), p)
-    if a.shard is not None and a.shard.dim == 1:
-        return Decision((a.placement, REPLICATE), a.placement)
-    if b.shard is not None and b.shard.dim == 2:
-        return Decision((REPLICATE, b.placement), b.placement)
-    return None
+    return _rows_or_columns(a, b, 1)
 
 
 @register(aten.bmm.default)
@@ -82,18 +84,10 @@ def bmm(call: OpCall) -> Decision | None:
     return _bmm(a, b)
 
 
-@register(aten.convolution.default)
-def convolution(call: OpCall) -> Decision | None:
-    """Batch-parallel only: a convolution mixes neighbouring positions."""
-    x = call.operands[0]
-    if x.shard is None or x.shard.dim != 0 or any(o.shard for o in call.operands[1:]):
-        return None
-    return Decision((x.placement, *(REPLICATE for _ in call.operands[1:])), x.placement)
-
-
-@register(aten.group_norm.default)
-def group_norm(call: OpCall) -> Decision | None:
-    """Normalizes over channels and all positions of one sample: batch-parallel only."""
+@register(aten.convolution.default, aten.group_norm.default)
+def batch_parallel_only(call: OpCall) -> Decision | None:
+    """A convolution mixes neighbouring positions; a group norm normalizes over all positions of
+    one sample: both are token-wise only along the batch."""
     x = call.operands[0]
     if x.shard is None or x.shard.dim != 0 or any(o.shard for o in call.operands[1:]):
         return None

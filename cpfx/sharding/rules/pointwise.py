@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cpfx.sharding.placement import REPLICATE, Shard
+from cpfx.sharding.placement import REPLICATE, Placement, Shard
 from cpfx.sharding.rules import Decision, OpCall, aten, out_shape, register
 
 # ATen ops that are elementwise with broadcasting but lack `Tag.pointwise`.
@@ -47,15 +47,15 @@ def pointwise(call: OpCall) -> Decision | None:
     out = out_shape(call)
     O = len(out)
     cands = []
-    for o in call.sharded:
-        od = o.shard.dim + O - o.ndim
-        if o.shape[o.shard.dim] == out[od]:  # a sharded dim that broadcasts must be gathered
-            cands.append((od, o))
+    for o, sh in call.sharded:
+        od = sh.dim + O - o.ndim
+        if o.shape[sh.dim] == out[od]:  # a sharded dim that broadcasts must be gathered
+            cands.append((od, o, sh))
     if not cands:
         return None
-    od, anchor = next(((d, o) for d, o in cands if not o.cheap), cands[0])
-    layout = anchor.shard.layout
-    needs = []
+    od, _, anchor = next(((d, o, sh) for d, o, sh in cands if not o.cheap), cands[0])
+    layout = anchor.layout
+    needs: list[Placement] = []
     for o in call.operands:
         k = od - (O - o.ndim)
         if k >= 0 and o.shape[k] == out[od]:

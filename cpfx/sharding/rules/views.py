@@ -10,9 +10,9 @@ tensor was, and the graph is functional, so a copy instead of an alias changes n
 
 from __future__ import annotations
 
+import functools
 import math
-import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,10 +23,11 @@ from cpfx.sharding.rules import (
     Decision,
     OpCall,
     Operand,
+    Rule,
     aten,
-    n_outputs,
     norm_dim,
     out_shape,
+    out_shapes,
     register,
 )
 
@@ -37,7 +38,8 @@ def view_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], lis
         return None
     groups, i, j = [], 0, 0
     while i < len(a) or j < len(b):
-        gi, gj = [], []
+        gi: list[int] = []
+        gj: list[int] = []
         pa = pb = 1
         while True:
             if (
@@ -85,18 +87,24 @@ def _local_shape(shape: Sequence[int], dim: int, layout: Layout, rank: int) -> l
     return local
 
 
-def _one(call: OpCall) -> Operand | None:
-    """The single operand, if the op has exactly one tensor operand and it is sharded."""
-    return call.operands[0] if len(call.operands) == 1 and call.operands[0].shard else None
+def one_sharded(fn: Callable[[OpCall, Operand, Shard], Decision | None]) -> Rule:
+    """A rule for ops with a single tensor operand: `fn(call, x, x's Shard)`, called only when
+    that operand is sharded (otherwise no rule applies)."""
+
+    @functools.wraps(fn)
+    def rule(call: OpCall) -> Decision | None:
+        if len(call.operands) != 1 or not isinstance(call.operands[0].placement, Shard):
+            return None
+        return fn(call, call.operands[0], call.operands[0].placement)
+
+    return rule
 
 
 @register(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def view(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def view(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     out = out_shape(call)
-    got = view_layout(x.shape, out, x.shard.dim, x.shard.layout)
+    got = view_layout(x.shape, out, sh.dim, sh.layout)
     if got is None:
         return None
     k, layout = got
@@ -107,47 +115,41 @@ def view(call: OpCall) -> Decision | None:
 
 
 @register(aten.expand.default)
-def expand(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def expand(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     sizes = list(call.arg(1, "size"))
-    od = x.shard.dim + len(sizes) - x.ndim
-    if sizes[od] not in (-1, x.shape[x.shard.dim]):
+    od = sh.dim + len(sizes) - x.ndim
+    if sizes[od] not in (-1, x.shape[sh.dim]):
         return None
     if sizes[od] != -1:
-        sizes[od] = x.shard.layout.local_size(call.rank)
-    return Decision((x.placement,), Shard(od, x.shard.layout), args=(x, sizes))
+        sizes[od] = sh.layout.local_size(call.rank)
+    return Decision((x.placement,), Shard(od, sh.layout), args=(x, sizes))
 
 
 @register(aten.unsqueeze.default)
-def unsqueeze(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def unsqueeze(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     k = norm_dim(call.arg(1, "dim"), x.ndim + 1)
-    d = x.shard.dim
-    return Decision((x.placement,), Shard(d + (k <= d), x.shard.layout))
+    d = sh.dim
+    return Decision((x.placement,), Shard(d + (k <= d), sh.layout))
 
 
 @register(aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims)
-def squeeze(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def squeeze(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dims = call.arg(1, "dim", None)
     if dims is None:
         dims = range(x.ndim)
     elif isinstance(dims, int):
         dims = [dims]
     removed = sorted({norm_dim(k, x.ndim) for k in dims if x.shape[norm_dim(k, x.ndim)] == 1})
-    d = x.shard.dim
+    d = sh.dim
     if d in removed:
         return None
     # Name the squeezed dims: a rank's shard may hold one token, and must keep that dim.
     return Decision(
         (x.placement,),
-        Shard(d - sum(1 for k in removed if k < d), x.shard.layout),
+        Shard(d - sum(1 for k in removed if k < d), sh.layout),
         args=(x, removed),
         kwargs={},
         target=aten.squeeze.dims,
@@ -155,34 +157,30 @@ def squeeze(call: OpCall) -> Decision | None:
 
 
 @register(aten.permute.default)
-def permute(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def permute(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     perm = [norm_dim(p, x.ndim) for p in call.arg(1, "dims")]
-    return Decision((x.placement,), Shard(perm.index(x.shard.dim), x.shard.layout))
+    return Decision((x.placement,), Shard(perm.index(sh.dim), sh.layout))
 
 
 @register(aten.transpose.int, aten.t.default)
-def transpose(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def transpose(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     if call.target == aten.t.default:
         d0, d1 = 0, min(1, x.ndim - 1)
     else:
         d0, d1 = norm_dim(call.arg(1, "dim0"), x.ndim), norm_dim(call.arg(2, "dim1"), x.ndim)
-    d = x.shard.dim
-    return Decision((x.placement,), Shard(d1 if d == d0 else d0 if d == d1 else d, x.shard.layout))
+    d = sh.dim
+    return Decision((x.placement,), Shard(d1 if d == d0 else d0 if d == d1 else d, sh.layout))
 
 
 @register(aten.view_as_complex.default)
-def view_as_complex(call: OpCall) -> Decision | None:
+@one_sharded
+def view_as_complex(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     """[..., 2] real -> [...] complex: every dim but the last keeps its place."""
-    x = _one(call)
-    if x is None or x.shard.dim == x.ndim - 1:
+    if sh.dim == x.ndim - 1:
         return None
-    return Decision((x.placement,), x.placement, target=_complex_local)
+    return Decision((sh,), sh, target=_complex_local)
 
 
 def _complex_local(x: torch.Tensor) -> torch.Tensor:
@@ -191,22 +189,18 @@ def _complex_local(x: torch.Tensor) -> torch.Tensor:
 
 
 @register(aten.view_as_real.default)
-def view_as_real(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def view_as_real(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     return Decision((x.placement,), x.placement)
 
 
 @register(aten.select.int)
-def select(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
-    dim, d = norm_dim(call.arg(1, "dim"), x.ndim), x.shard.dim
+@one_sharded
+def select(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
+    dim, d = norm_dim(call.arg(1, "dim"), x.ndim), sh.dim
     if dim == d:
         return None  # one token: it lives on one rank
-    return Decision((x.placement,), Shard(d - (dim < d), x.shard.layout))
+    return Decision((x.placement,), Shard(d - (dim < d), sh.layout))
 
 
 def _bounds(start: Any, end: Any, size: int) -> tuple[int, int]:
@@ -223,17 +217,15 @@ def local_slice(x: torch.Tensor, dim: int, runs: list[tuple[int, int]]) -> torch
 
 
 @register(aten.slice.Tensor)
-def slice_(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
-    dim, d = norm_dim(call.arg(1, "dim", 0), x.ndim), x.shard.dim
+@one_sharded
+def slice_(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
+    dim, d = norm_dim(call.arg(1, "dim", 0), x.ndim), sh.dim
     if dim != d:
         return Decision((x.placement,), x.placement)
     if call.arg(4, "step", 1) != 1:
         return None
     start, end = _bounds(call.arg(2, "start"), call.arg(3, "end"), x.shape[d])
-    layout = x.shard.layout
+    layout = sh.layout
     runs = layout.local_runs(call.rank, start, end)
     out = Shard(d, layout.select(start, end))
     if len(runs) <= 1:
@@ -247,16 +239,14 @@ def local_split(x: torch.Tensor, dim: int, runs: list[list[tuple[int, int]]]) ->
 
 
 @register(aten.split.Tensor, aten.split_with_sizes.default)
-def split(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
-    dim, d = norm_dim(call.arg(2, "dim", 0), x.ndim), x.shard.dim
-    k = n_outputs(call)
+@one_sharded
+def split(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
+    dim, d = norm_dim(call.arg(2, "dim", 0), x.ndim), sh.dim
+    k = len(out_shapes(call))
     if dim != d:
         return Decision((x.placement,), tuple(x.placement for _ in range(k)))
-    sizes = [s[d] for s in call.out]
-    layout, pos, outs, runs = x.shard.layout, 0, [], []
+    sizes = [s[d] for s in out_shapes(call)]
+    layout, pos, outs, runs = sh.layout, 0, [], []
     for s in sizes:
         outs.append(Shard(d, layout.select(pos, pos + s)))
         runs.append(layout.local_runs(call.rank, pos, pos + s))
@@ -280,15 +270,13 @@ def split(call: OpCall) -> Decision | None:
 
 
 @register(aten.unbind.int)
-def unbind(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
-    dim, d = norm_dim(call.arg(1, "dim", 0), x.ndim), x.shard.dim
+@one_sharded
+def unbind(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
+    dim, d = norm_dim(call.arg(1, "dim", 0), x.ndim), sh.dim
     if dim == d:
         return None
-    p = Shard(d - (dim < d), x.shard.layout)
-    return Decision((x.placement,), tuple(p for _ in range(n_outputs(call))))
+    p = Shard(d - (dim < d), sh.layout)
+    return Decision((x.placement,), tuple(p for _ in out_shapes(call)))
 
 
 @register(aten.cat.default)
@@ -298,36 +286,28 @@ def cat(call: OpCall) -> Decision | None:
     ops = [o for o in call.operands if o.ndim == len(out)]  # legacy empty 1-D operands aside
     if len(ops) != len(call.operands):
         return None
-    if any(o.shard.dim == dim for o in call.sharded):  # along the tokens: layouts concatenate
-        needs, layout = [], None
-        for o in ops:
-            lo = o.shard.layout if o.shard and o.shard.dim == dim else None
-            lo = lo or Layout.even(o.shape[dim], call.world)
-            needs.append(Shard(dim, lo))
-            layout = lo if layout is None else layout.concat(lo)
-        return Decision(tuple(needs), Shard(dim, layout))
-    anchor = next((o for o in call.sharded if not o.cheap), call.sharded[0])
-    d, layout = anchor.shard.dim, anchor.shard.layout
-    return Decision(tuple(Shard(d, layout) for _ in ops), Shard(d, layout))
+    if any(sh.dim == dim for _, sh in call.sharded):  # along the tokens: layouts concatenate
+        even = [Layout.even(o.shape[dim], call.world) for o in ops]
+        lays = [o.shard.layout if o.shard and o.shard.dim == dim else e for o, e in zip(ops, even)]
+        layout = functools.reduce(Layout.concat, lays)
+        return Decision(tuple(Shard(dim, lo) for lo in lays), Shard(dim, layout))
+    _, anchor = next(((o, sh) for o, sh in call.sharded if not o.cheap), call.sharded[0])
+    return Decision(tuple(anchor for _ in ops), anchor)
 
 
 @register(aten.stack.default)
 def stack(call: OpCall) -> Decision | None:
-    anchor = next((o for o in call.sharded if not o.cheap), call.sharded[0])
-    d, layout = anchor.shard.dim, anchor.shard.layout
-    k = norm_dim(call.arg(1, "dim", 0), anchor.ndim + 1)
-    return Decision(
-        tuple(Shard(d, layout) for _ in call.operands), Shard(d + (k <= d), layout)
-    )
+    x, anchor = next(((o, sh) for o, sh in call.sharded if not o.cheap), call.sharded[0])
+    d, layout = anchor.dim, anchor.layout
+    k = norm_dim(call.arg(1, "dim", 0), x.ndim + 1)
+    return Decision(tuple(Shard(d, layout) for _ in call.operands), Shard(d + (k <= d), layout))
 
 
 @register(aten.constant_pad_nd.default)
-def constant_pad_nd(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def constant_pad_nd(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     pad = list(call.arg(1, "pad"))
-    d = x.shard.dim
+    d = sh.dim
     i = 2 * (x.ndim - 1 - d)
     if i >= len(pad) or (pad[i] == 0 and pad[i + 1] == 0):
         return Decision((x.placement,), x.placement)
@@ -335,44 +315,38 @@ def constant_pad_nd(call: OpCall) -> Decision | None:
     if left < 0 or right < 0:
         return None
     w = call.world
-    layout = Layout.even(left, w).concat(x.shard.layout).concat(Layout.even(right, w))
+    layout = Layout.even(left, w).concat(sh.layout).concat(Layout.even(right, w))
     pad[i] = Layout.even(left, w).local_size(call.rank)
     pad[i + 1] = Layout.even(right, w).local_size(call.rank)
     return Decision((x.placement,), Shard(d, layout), args=(x, pad, *call.args[2:]))
 
 
 @register(aten.repeat.default)
-def repeat(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def repeat(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     reps = list(call.arg(1, "repeats"))
-    od = x.shard.dim + len(reps) - x.ndim
+    od = sh.dim + len(reps) - x.ndim
     if reps[od] != 1:
         return None
-    return Decision((x.placement,), Shard(od, x.shard.layout))
+    return Decision((x.placement,), Shard(od, sh.layout))
 
 
 @register(aten.flip.default)
-def flip(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def flip(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dims = [norm_dim(k, x.ndim) for k in call.arg(1, "dims")]
-    d = x.shard.dim
+    d = sh.dim
     if d not in dims:
         return Decision((x.placement,), x.placement)
-    return Decision((x.placement,), Shard(d, x.shard.layout.reversed()))
+    return Decision((x.placement,), Shard(d, sh.layout.reversed()))
 
 
 @register(aten.roll.default)
-def roll(call: OpCall) -> Decision | None:
-    x = _one(call)
-    if x is None:
-        return None
+@one_sharded
+def roll(call: OpCall, x: Operand, sh: Shard) -> Decision | None:
     dims = call.arg(2, "dims", ())
     dims = [norm_dim(k, x.ndim) for k in ([dims] if isinstance(dims, int) else dims)]
-    if not dims or x.shard.dim in dims:
+    if not dims or sh.dim in dims:
         return None
     return Decision((x.placement,), x.placement)
 
@@ -438,14 +412,15 @@ def slice_scatter(call: OpCall) -> Decision | None:
     start, end = _bounds(call.arg(3, "start"), call.arg(4, "end"), base.shape[dim])
     if base.shard is not None:
         d, layout = base.shard.dim, base.shard.layout
-    else:
-        d = src.shard.dim
-        layout = src.shard.layout
+    elif src.shard is not None:
+        d, layout = src.shard.dim, src.shard.layout
         if d == dim:  # shard the replicated base so that its region holds src's items
             w = call.world
             layout = (
                 Layout.even(start, w).concat(layout).concat(Layout.even(base.shape[d] - end, w))
             )
+    else:
+        return None
     if d != dim:  # sharded along another dim: both sides hold the same items of it
         return Decision((Shard(d, layout), Shard(d, layout)), Shard(d, layout))
     if step != 1:
@@ -475,6 +450,8 @@ def select_scatter(call: OpCall) -> Decision | None:
     dim = norm_dim(call.arg(2, "dim"), base.ndim)
     index = norm_dim(call.arg(3, "index"), base.shape[dim])
     if base.shard is None:  # src sharded: shard base alike (its dim has the same length)
+        if src.shard is None:
+            return None
         e = src.shard.dim
         p = Shard(e + (dim <= e), src.shard.layout)
         return Decision((p, src.placement), p)
@@ -491,8 +468,13 @@ def select_scatter(call: OpCall) -> Decision | None:
     )
 
 
-@register(aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
-          aten.new_empty.default, aten.new_empty_strided.default)
+@register(
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+)
 def new_factory(call: OpCall) -> Decision | None:
     """A new tensor of a given (global) size: only the operand's dtype and device are read."""
     return Decision(call.keep(), REPLICATE)
@@ -503,7 +485,3 @@ def assert_metadata(call: OpCall) -> Decision | None:
     """A check of the global size and stride: on a shard, keep only dtype and device."""
     kw = {k: v for k, v in call.kwargs.items() if k in ("dtype", "device", "layout")}
     return Decision(call.keep(), REPLICATE, args=call.args[:1], kwargs=kw)
-
-
-# operator.getitem on a tuple output is placed by the planner (the tuple's placement list).
-GETITEM = operator.getitem

@@ -86,7 +86,7 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
             continue
         if type(m) not in per_class:
             per_class[type(m)] = compile_call(_call_block, runtime)
-        m._compiled_call_impl = functools.partial(per_class[type(m)], m)  # type: ignore[assignment]
+        m._compiled_call_impl = functools.partial(per_class[type(m)], m)
     if not per_class:
         raise ConfigError(
             f"cpfx: ParallelConfig(regional=True) compiles the blocks a model lists in "

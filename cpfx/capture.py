@@ -53,7 +53,8 @@ def functionalize(
     example_inputs: list[Any],
     compile_fn: Callable[[fx.GraphModule, list[Any]], Callable[..., Any]],
 ) -> Callable[..., Any]:
-    """Trace `gm` to a functional ATen graph and hand that to `compile_fn` (inference only)."""
+    """Trace `gm` to a functional ATen graph and hand that to `compile_fn` (the forward only: for
+    training, `cpfx.training.derive_backward` differentiates the rewritten graph)."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
     with preserved_ops():

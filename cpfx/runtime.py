@@ -5,8 +5,8 @@ Per call, in order (all of it under one lock per set of ranks, so two threads ne
 their collectives):
 
 1. a group that failed in an earlier call is reported again (`CommunicationError`);
-2. grad mode with parameters or inputs that require grad is refused (`CpfxError`) until
-   training is exact;
+2. grad mode with parameters or inputs that require grad is refused (`CpfxError`) where
+   gradients are not exact (`cpfx.training.refuse_unsupported`: ring meshes, fp8, inductor);
 3. the cross-rank input check (`check_inputs`): one all-gather of a fixed-size int64 header
    (model, call number, input shapes/dtypes/values, and on the first call of a signature a hash
    of the input bytes) over cpfx's gloo group; any difference raises `RankDivergenceError` on every

@@ -21,7 +21,7 @@ group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -92,8 +92,8 @@ def derive_backward(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[.
 
     _differentiable_copies(gm)
 
-    def run(g: fx.GraphModule, _inputs: list[Any]) -> Callable[..., Any]:
-        return make_boxed_func(g.forward)
+    def run(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return make_boxed_func(gm.forward)
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=run, bw_compiler=run)
 

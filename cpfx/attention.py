@@ -64,6 +64,9 @@ class AttnSpec:
     head_padding: Literal["pad", "uneven"] = "pad"
     fp8_roles: frozenset[str] = frozenset()
     """Roles ("q", "k", "v", "o") whose all-to-all payload travels as FP8."""
+    differentiable: bool = False
+    """The graph will be differentiated: each ring block's attention and log-sum-exp are computed
+    with ops that have derivatives (the fused kernels give none for the log-sum-exp)."""
 
     def group_ranks(self, ring_index: int) -> list[int]:
         """CP ranks whose tokens form ring block `ring_index` after the Ulysses all-to-all."""
@@ -254,6 +257,8 @@ def attention_lse(
     `shape` is the static [B, h, Sq, Sk] of the score matrix."""
     site = spec.site
     is_bool = site.mask_is_bool or site.causal  # static: `mask` may be an FX proxy here
+    if spec.differentiable:
+        return _attention_lse_math(q, k, v, mask, is_bool, site.scale)
     bias = None
     if mask is not None:
         bias = (
@@ -276,6 +281,33 @@ def attention_lse(
         allowed = (mask if is_bool else mask > float("-inf")).any(-1)
         lse = lse.masked_fill(allowed.logical_not(), float("-inf"))
     return out, lse
+
+
+def _attention_lse_math(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_bool: bool, scale: float | None
+) -> tuple[Tensor, Tensor]:
+    """`attention_lse` from matmuls and `logsumexp`, in fp32: differentiable in (out, lse). A row
+    with no allowed key gets lse -inf and out 0, with finite gradients."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    allowed = None
+    if mask is not None:
+        if is_bool:
+            allowed = mask
+            scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+        else:
+            scores = scores + mask.float()
+            allowed = mask > float("-inf")
+        rows = allowed.any(-1, keepdim=True)
+        scores = torch.where(rows, scores, torch.zeros_like(scores))  # no -inf-only rows
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    out = torch.matmul(torch.exp(scores - lse), v.float())
+    lse = lse.squeeze(-1)
+    if allowed is not None:
+        rows = allowed.any(-1)
+        out = out.masked_fill(rows.logical_not().unsqueeze(-1), 0.0)
+        lse = lse.masked_fill(rows.logical_not(), float("-inf"))
+    return out.to(q.dtype), lse
 
 
 def merge_lse(

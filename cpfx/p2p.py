@@ -52,6 +52,19 @@ def _(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _ring_send_recv_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    """The block this rank sent went to `send_to`: its gradient comes back from there."""
+    back = torch.ops.cpfx.ring_send_recv(grad.contiguous(), ctx.recv_from, ctx.send_to)  # type: ignore[attr-defined]
+    return torch.ops._c10d_functional.wait_tensor(back), None, None
+
+
+def _ring_send_recv_setup(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+    _, ctx.send_to, ctx.recv_from = inputs  # type: ignore[attr-defined]
+
+
+ring_send_recv.register_autograd(_ring_send_recv_backward, setup_context=_ring_send_recv_setup)
+
+
 def finish_sends() -> None:
     """Wait for this thread's sends issued by earlier ring steps (their buffers must stay valid
     until then)."""

@@ -70,18 +70,16 @@ def gather_tokens(x: torch.Tensor, dim: int, layout: Any, rank: int, *args: Any)
 
 
 def refuse_unsupported(config: Any, mesh: Any) -> None:
-    """Training covers Ulysses (even, uneven, padded or split heads), eager execution."""
+    """Training covers Ulysses, ring and USP meshes in eager execution, without FP8 payloads."""
     why = []
-    if mesh.ring > 1:
-        why.append("ring attention (a ring or USP mesh): its log-sum-exp merge has no backward yet")
     if config.fp8_comm:
         why.append("fp8_comm=True")
     if config.compile:
         why.append("compile=True (inductor)")
     if why:
         raise CpfxError(
-            "cpfx: gradients through a parallelized model are computed for Ulysses meshes in "
-            f"eager execution; this one uses {', '.join(why)}. Train with a Ulysses mesh, "
+            "cpfx: gradients through a parallelized model are computed in eager execution "
+            f"without FP8 payloads; this model uses {', '.join(why)}. Train with "
             "fp8_comm=False and compile=False, or call the model under torch.no_grad()."
         )
 

@@ -49,6 +49,7 @@ def make_spec(site: AttnSite, ctx: PassContext, fp8_roles: frozenset[str] = froz
         ring_rotate=ctx.config.ring_rotate,
         head_padding=mode,
         fp8_roles=fp8_roles,
+        differentiable=ctx.training,
     )
 
 

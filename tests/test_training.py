@@ -44,9 +44,18 @@ def test_lora_with_gradient_checkpointing(pools):
     assert all("lora" in n for n in res["errors"]), "only the adapters are trained"
 
 
-def test_ring_refused_in_training(pools):
-    with pytest.raises(RuntimeError, match="CpfxError.*ring attention"):
-        pools(2).run(train_grads, model="flux", mesh_names=("ring",))
+@pytest.mark.parametrize("rotate", ["allgather", "p2p"])
+@pytest.mark.parametrize("model", ["flux", "qwen"])
+def test_ring_gradients(pools, model, rotate):
+    res = check(pools(2).run(train_grads, model=model, mesh_names=("ring",),
+                             config={"ring_rotate": rotate}))
+    assert res["counters"]["lower_attention"][f"ring_{rotate}"] >= 2
+
+
+def test_usp_2x2_gradients(pools):
+    res = check(pools(4).run(train_grads, model="flux", mesh_shape=(2, 2),
+                             mesh_names=("ring", "ulysses")))
+    assert res["counters"]["lower_attention"]["usp_p2p"] >= 2
 
 
 # --- the task every rank of the pool runs -----------------------------------------------------

@@ -14,12 +14,15 @@ from cpfx.errors import ConfigError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-KNOWN_DIMS = ("ring", "ulysses")
+KNOWN_DIMS = ("dp", "ring", "ulysses")
+"""In this order, outermost first: `dp` (data parallel: different samples per slice, each slice its
+own context-parallel group), `ring`, `ulysses`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshInfo:
     world: int
+    """Ranks of this rank's context-parallel group (the mesh without its `dp` dim)."""
     cp_rank: int
     cp_group: str
     ulysses: int
@@ -31,6 +34,10 @@ class MeshInfo:
     ring_ranks: tuple[int, ...]
     device_type: str
     check_group: Any = None
+    dp: int = 1
+    dp_index: int = 0
+    cp_ranks: tuple[int, ...] = ()
+    """Global ranks of the context-parallel group, in its order."""
 
 
 def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
@@ -56,20 +63,21 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
     unknown = [n for n in names if n not in KNOWN_DIMS]
     if unknown:
         raise ConfigError(
-            f"cpfx: unknown mesh dim name(s) {unknown}; use 'ulysses' and/or 'ring' "
-            f"(got mesh_dim_names={tuple(names)})"
+            f"cpfx: unknown mesh dim name(s) {unknown}; use 'ulysses' and/or 'ring', with 'dp' "
+            f"outermost for data parallelism (got mesh_dim_names={tuple(names)})"
         )
     if len(set(names)) != len(names):
         raise ConfigError(f"cpfx: mesh dim names repeat: {tuple(names)}")
     if mesh.size() != world:
         raise ConfigError(
             f"cpfx: the mesh has {mesh.size()} devices but the process group has {world} ranks; "
-            "context parallelism spans the whole group: build the mesh over all ranks"
+            "build the mesh over all ranks (a 'dp' dim for data parallelism)"
         )
     sizes = dict(zip(names, mesh.shape))
-    if names == ("ulysses", "ring"):
+    if list(names) != [n for n in KNOWN_DIMS if n in names]:
         raise ConfigError(
-            "cpfx: order the mesh dims as ('ring', 'ulysses'): Ulysses is the inner dim"
+            f"cpfx: order the mesh dims as {tuple(n for n in KNOWN_DIMS if n in names)} "
+            f"(got {tuple(names)}): 'dp' outermost, Ulysses the inner dim"
         )
     flat = mesh.mesh.flatten().tolist()
     if flat != list(range(world)):
@@ -77,23 +85,35 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
     here = mesh.get_coordinate()
     assert here is not None  # the mesh lists every rank: checked above
     coord = dict(zip(names, here))
-    U, R = sizes.get("ulysses", 1), sizes.get("ring", 1)
-    u, r = coord.get("ulysses", 0), coord.get("ring", 0)
-    if r * U + u != rank:
+    U, R, D = sizes.get("ulysses", 1), sizes.get("ring", 1), sizes.get("dp", 1)
+    u, r, d = coord.get("ulysses", 0), coord.get("ring", 0), coord.get("dp", 0)
+    cp_world = R * U
+    base = d * cp_world
+    if base + r * U + u != rank:
         raise ConfigError(f"cpfx: unexpected mesh coordinates {coord} for rank {rank}")
-    ring_ranks = tuple(rr * U + u for rr in range(R))
+    cp_ranks = tuple(range(base, base + cp_world))
+    ring_ranks = tuple(base + rr * U + u for rr in range(R))
     group = lambda n: mesh.get_group(n).group_name if n in sizes and sizes[n] > 1 else ""  # noqa: E731
+    cp_group: str
+    if D == 1:
+        assert dist.group.WORLD is not None  # initialized: checked above
+        cp_group = str(dist.group.WORLD.group_name)
+    elif R == 1 or U == 1:
+        cp_group = group("ring" if R > 1 else "ulysses")
+    else:
+        from cpfx.rankcheck import cp_group as make_cp_group
+
+        cp_group = str(make_cp_group(cp_ranks).group_name)
     check_group = None
     if config.check_collectives or config.check_inputs != "never":
         from cpfx.rankcheck import check_group as cpfx_check_group
 
         # cpfx's own gloo group, created once per set of ranks and reused by every model.
-        check_group = cpfx_check_group(range(world), config.timeout_s)
-    assert dist.group.WORLD is not None  # initialized: checked above
+        check_group = cpfx_check_group(cp_ranks, config.timeout_s)
     return MeshInfo(
-        world=world,
-        cp_rank=rank,
-        cp_group=dist.group.WORLD.group_name,
+        world=cp_world,
+        cp_rank=rank - base,
+        cp_group=cp_group,
         ulysses=U,
         ring=R,
         ulysses_index=u,
@@ -103,4 +123,7 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
         ring_ranks=ring_ranks,
         device_type=mesh.device_type,
         check_group=check_group,
+        dp=D,
+        dp_index=d,
+        cp_ranks=cp_ranks,
     )

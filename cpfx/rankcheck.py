@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _owner: Any = None
 """The default process group the cached groups belong to (a new init_process_group resets them)."""
-_groups: dict[tuple[int, ...], Any] = {}
+_groups: dict[tuple[Any, ...], Any] = {}
 _timeouts: dict[int, float] = {}
 _dead: dict[tuple[int, ...], str] = {}
 _call_locks: dict[tuple[int, ...], threading.RLock] = {}
@@ -63,10 +63,26 @@ def check_group(ranks: Sequence[int], timeout_s: float) -> Any:
         g = _groups.get(ranks)
         if g is None:
             td = datetime.timedelta(seconds=timeout_s)
-            g = _groups[ranks] = dist.new_group(list(ranks), backend="gloo", timeout=td)
+            # Only the group's members create it: with data parallelism each slice has its own.
+            local = len(ranks) < dist.get_world_size()
+            g = _groups[ranks] = dist.new_group(
+                list(ranks), backend="gloo", timeout=td, use_local_synchronization=local
+            )
             _timeouts[id(g)] = timeout_s
             log.info("cpfx check group over ranks %s (gloo, timeout %.0fs)", ranks, timeout_s)
         return g
+
+
+def cp_group(ranks: Sequence[int]) -> Any:
+    """The process group (the default backend) over one data-parallel slice's ranks, created once
+    by its members."""
+    ranks = tuple(ranks)
+    with _lock:
+        _reset_if_reinitialized()
+        key = ("cp", *ranks)
+        if key not in _groups:
+            _groups[key] = dist.new_group(list(ranks), use_local_synchronization=True)
+        return _groups[key]
 
 
 def call_lock(ranks: Sequence[int]) -> threading.RLock:

@@ -187,7 +187,7 @@ class Runtime:
         self.info = be.mesh_info  # type: ignore[attr-defined]
         self.config = config
         self.ordinal = ordinal
-        self.ranks = tuple(range(self.info.world))
+        self.ranks = self.info.cp_ranks or tuple(range(self.info.world))
         self.lock = rankcheck.call_lock(self.ranks)
         self.graphs: list[GraphRecord] = []
         self.pending_reasons: list[str] = []

@@ -58,6 +58,14 @@ def test_usp_2x2_gradients(pools):
     assert res["counters"]["lower_attention"]["usp_p2p"] >= 2
 
 
+def test_data_parallel_times_ulysses_with_ddp(pools):
+    """A ("dp", "ulysses") 2x2 mesh: each dp slice its own sample, DDP over the dp group;
+    gradients equal the single process's average over both samples."""
+    for r, res in enumerate(pools(4).run(dp_train)):
+        assert res["max_rel"] <= TOL, f"rank {r}: {res['worst']}: {res['max_rel']:.3g}"
+        assert res["params"] > 10 and res["parallel"] >= 2, res
+
+
 # --- the task every rank of the pool runs -----------------------------------------------------
 
 
@@ -144,3 +152,39 @@ def train_grads(
         "errors": errs,
         "counters": counters,
     }
+
+
+def dp_train() -> dict[str, Any]:
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    import cpfx
+
+    fresh()
+    m, kw0 = build("flux")
+    kw1 = build("flux", seed=1)[1]  # another sample (the weights stay the seed-0 ones)
+    samples = [kw0, kw1]
+    m.train()
+    ref_m = copy.deepcopy(m)
+    weights = []
+    for i, kw in enumerate(samples):  # the single process: the mean of the two samples' losses
+        out = first_output(ref_m(**kw))[0]
+        weights.append(torch.randn(out.shape, generator=torch.Generator().manual_seed(i)))
+        ((out * weights[i]).sum() / len(samples)).backward()
+    ref = {n: p.grad for n, p in ref_m.named_parameters()}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ulysses"))
+    cpfx.parallelize(m, mesh)
+    ddp = DistributedDataParallel(m, process_group=mesh.get_group("dp"))
+    d = dist.get_rank() // 2
+    out = first_output(ddp(**samples[d]))[0]
+    (out * weights[d]).sum().backward()  # DDP averages the gradients over the dp group
+    worst, worst_name = 0.0, ""
+    for n, p in m.named_parameters():
+        err = ((p.grad - ref[n]).abs().max() / max(1.0, ref[n].abs().max().item())).item()
+        if err > worst:
+            worst, worst_name = err, n
+    return {"max_rel": worst, "worst": worst_name, "params": len(ref),
+            "parallel": cpfx.counters["lower_attention"]["ulysses"]}

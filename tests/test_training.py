@@ -38,6 +38,13 @@ def test_input_gradient_batch_two_odd_lengths(pools):
                        model_kwargs={"img": 62, "txt": 7}))
 
 
+@pytest.mark.parametrize(
+    "model, names", [("wan", ("ulysses",)), ("qwen", ("ring",))], ids=["wan-ulysses", "qwen-ring"]
+)
+def test_gradient_checkpointing(pools, model, names):
+    check(pools(2).run(train_grads, model=model, mesh_names=names, checkpointing=True, steps=1))
+
+
 def test_lora_with_gradient_checkpointing(pools):
     pytest.importorskip("peft")
     res = check(pools(2).run(train_grads, model="flux", lora=True, checkpointing=True))

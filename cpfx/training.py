@@ -21,6 +21,7 @@ group.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,7 +94,56 @@ def derive_backward(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[.
     def run(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         return make_boxed_func(gm.forward)
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=run, bw_compiler=run)
+    def run_backward(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        coalesce_gradient_sums(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_module_simplified(gm, example_inputs, fw_compiler=run, bw_compiler=run_backward)
+
+
+def coalesce_gradient_sums(gm: fx.GraphModule) -> int:
+    """One `all_reduce_coalesced` at the end of the backward graph for the gradient sums whose
+    result is only returned (parameter and input gradients), instead of one all-reduce each.
+    Sums whose result feeds more backward computation stay where they are. Returns how many
+    all-reduces were merged."""
+    c10d = torch.ops._c10d_functional
+    g = gm.graph
+    (out,) = [n for n in g.nodes if n.op == "output"]
+    groups: dict[tuple[Any, ...], list[tuple[fx.Node, fx.Node]]] = {}
+    for n in g.nodes:
+        if n.op != "call_function" or n.target is not c10d.all_reduce.default:
+            continue
+        (w,) = n.users if len(n.users) == 1 else (None,)
+        if w is None or w.target is not c10d.wait_tensor.default:
+            continue
+        if any(u is not out for u in w.users):
+            continue
+        x, op, group = n.args
+        v = x.meta.get("val")
+        dtype = v.dtype if isinstance(v, torch.Tensor) else None
+        groups.setdefault((op, group, dtype), []).append((n, w))
+    merged = 0
+    for (op, group, _), pairs in groups.items():
+        if len(pairs) < 2:
+            continue
+        with g.inserting_before(out):
+            ar = g.call_function(c10d.all_reduce_coalesced.default,
+                                 ([n.args[0] for n, _ in pairs], op, group))
+            for i, (n, w) in enumerate(pairs):
+                item = g.call_function(operator.getitem, (ar, i))
+                waited = g.call_function(c10d.wait_tensor.default, (item,))
+                w.replace_all_uses_with(waited)
+        for n, w in pairs:
+            g.erase_node(w)
+            g.erase_node(n)
+        merged += len(pairs)
+    if merged:
+        g.lint()
+        gm.recompile()
+        from cpfx.debug import counters
+
+        counters["training"]["gradient_sums_coalesced"] += merged
+    return merged
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ def test_ulysses_gradients(pools, model, world):
     res = check(pools(world).run(train_grads, model=model))
     assert res["counters"]["lower_attention"]["ulysses"] >= 2
     assert res["counters"]["shard_tokens"]["grad_sum"] > 0
+    # the parameters' gradient sums travel as one coalesced all-reduce
+    assert res["counters"]["training"]["gradient_sums_coalesced"] > 10
 
 
 def test_input_gradient_batch_two_odd_lengths(pools):

@@ -92,7 +92,8 @@ def main() -> None:
     m.train()
     single = _measure(m, kw, a.repeats)
     rows = {1: {"step_s": single["step_s"], "peak_mb": single["peak_mb"], "max_rel": 0.0}}
-    print(f"N=1  step {single['step_s'] * 1e3:8.1f} ms  peak {single['peak_mb']:7.1f} MB", flush=True)
+    print(f"N=1  step {single['step_s'] * 1e3:8.1f} ms  peak {single['peak_mb']:7.1f} MB",
+          flush=True)
     for world in [int(x) for x in a.worlds.split(",")]:
         t0 = time.perf_counter()
         r = spawn_ranks(_rank, world, cfg, a.repeats)

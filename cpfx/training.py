@@ -129,7 +129,7 @@ def coalesce_gradient_sums(gm: fx.GraphModule) -> int:
         with g.inserting_before(out):
             ar = g.call_function(c10d.all_reduce_coalesced.default,
                                  ([n.args[0] for n, _ in pairs], op, group))
-            for i, (n, w) in enumerate(pairs):
+            for i, (_, w) in enumerate(pairs):
                 item = g.call_function(operator.getitem, (ar, i))
                 waited = g.call_function(c10d.wait_tensor.default, (item,))
                 w.replace_all_uses_with(waited)

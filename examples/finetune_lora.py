@@ -68,7 +68,8 @@ def main() -> None:
         loss.backward()
         opt.step()
         if rank == 0:
-            print(f"step {step}: loss {loss.item():.5f}  {time.perf_counter() - t0:.2f} s", flush=True)
+            dt = time.perf_counter() - t0
+            print(f"step {step}: loss {loss.item():.5f}  {dt:.2f} s", flush=True)
 
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     gathered = [torch.empty_like(flat) for _ in range(world)]

@@ -26,7 +26,8 @@ def test_regional_parity_one_graph_per_block_class(pools, model, world):
     kwargs, classes = CASES[model]
     for r, res in enumerate(pools(world).run(regional, model=model, model_kwargs=kwargs)):
         assert res["max_abs"] <= 1e-5, f"rank {r}: {res}"
-        assert res["graphs"] == classes, res["reasons"]  # every instance of a class reuses one graph
+        # every instance of a class reuses one graph
+        assert res["graphs"] == classes, res["reasons"]
         assert res["runs"] == 2 * res["blocks"], res  # two calls, every block in a cpfx graph
         assert res["parallel"] >= res["blocks"] and res["outside"] == 0, res
 

@@ -99,7 +99,7 @@ class CpfxBackend:
         with torch.no_grad():
             capture.functionalize(gm, example_inputs, compile_fn)
         (parallel,) = rewritten
-        return training.derive_backward(parallel, example_inputs)
+        return training.derive_backward(parallel, example_inputs, self.config.compile)
 
     def compile_aten(
         self,

@@ -71,25 +71,30 @@ def gather_tokens(x: torch.Tensor, dim: int, layout: Any, rank: int, *args: Any)
 
 
 def refuse_unsupported(config: Any, mesh: Any) -> None:
-    """Training covers Ulysses, ring and USP meshes in eager execution, without FP8 payloads."""
-    why = []
+    """Training covers Ulysses, ring and USP meshes, eager or through inductor; FP8 payloads are
+    refused (their quantization has no gradient that would match the single process)."""
     if config.fp8_comm:
-        why.append("fp8_comm=True")
-    if config.compile:
-        why.append("compile=True (inductor)")
-    if why:
         raise CpfxError(
-            "cpfx: gradients through a parallelized model are computed in eager execution "
-            f"without FP8 payloads; this model uses {', '.join(why)}. Train with "
-            "fp8_comm=False and compile=False, or call the model under torch.no_grad()."
+            "cpfx: gradients through a parallelized model are computed without FP8 payloads; "
+            "this model uses fp8_comm=True. Train with fp8_comm=False, or call the model under "
+            "torch.no_grad()."
         )
 
 
-def derive_backward(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-    """AOTAutograd over the rewritten forward: the compiled function records autograd."""
+def derive_backward(
+    gm: fx.GraphModule, example_inputs: list[Any], inductor: bool = False
+) -> Callable[..., Any]:
+    """AOTAutograd over the rewritten forward: the compiled function records autograd. With
+    `inductor`, inductor compiles the forward and the backward it derives."""
     from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
     _differentiable_copies(gm)
+    if inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs)
+        assert callable(compiled)  # compile_fx returns other things only in AOT export modes
+        return compiled
 
     def run(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         return make_boxed_func(gm.forward)

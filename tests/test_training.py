@@ -61,6 +61,11 @@ def test_ring_gradients(pools, model, rotate):
     assert res["counters"]["lower_attention"][f"ring_{rotate}"] >= 2
 
 
+def test_inductor_gradients(pools):
+    res = check(pools(2).run(train_grads, model="flux", config={"compile": True}))
+    assert res["counters"]["lower_attention"]["ulysses"] >= 2
+
+
 def test_usp_2x2_gradients(pools):
     res = check(pools(4).run(train_grads, model="flux", mesh_shape=(2, 2),
                              mesh_names=("ring", "ulysses")))

@@ -1,6 +1,7 @@
 """One training step (forward + backward) through cpfx's Ulysses vs the single process, CPU/gloo.
 
-    python benchmarks/train_step.py [--worlds 2,4] [--repeats 3] [--quick] [--json out.json]
+    python benchmarks/train_step.py [--worlds 2,4] [--repeats 3] [--quick] [--checkpointing]
+                                    [--json out.json]
 
 Tiny Flux (fp32, train mode, every parameter trained), a loss on the whole output. Per world
 size: median time of a step (after a warm-up step that compiles), the peak bytes a step allocates
@@ -55,13 +56,20 @@ def _measure(m: torch.nn.Module, kw: dict[str, Any], repeats: int) -> dict[str, 
     return {"step_s": t, "peak_mb": peak / 1e6, "grads": _grads(m)}
 
 
-def _rank(rank: int, world: int, q: Any, cfg: dict[str, Any], repeats: int) -> None:
+def _build(cfg: dict[str, Any], checkpointing: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    m, kw = build("flux", **cfg)
+    if checkpointing:
+        m.enable_gradient_checkpointing()
+    m.train()
+    return m, kw
+
+
+def _rank(rank: int, world: int, q: Any, cfg: dict[str, Any], repeats: int, ckpt: bool) -> None:
     import cpfx
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    m, kw = build("flux", **cfg)
-    m.train()
+    m, kw = _build(cfg, ckpt)
     ref_m = copy.deepcopy(m)
     out = ref_m(**kw)[0]
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -85,24 +93,25 @@ def main() -> None:
     ap.add_argument("--worlds", default="2,4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     a = ap.parse_args()
     cfg = QUICK if a.quick else FLUX
     torch.set_num_threads(1)
-    m, kw = build("flux", **cfg)
-    m.train()
+    m, kw = _build(cfg, a.checkpointing)
     single = _measure(m, kw, a.repeats)
     rows = {1: {"step_s": single["step_s"], "peak_mb": single["peak_mb"], "max_rel": 0.0}}
     print(f"N=1  step {single['step_s'] * 1e3:8.1f} ms  peak {single['peak_mb']:7.1f} MB",
           flush=True)
     for world in [int(x) for x in a.worlds.split(",")]:
         t0 = time.perf_counter()
-        r = spawn_ranks(_rank, world, cfg, a.repeats)
+        r = spawn_ranks(_rank, world, cfg, a.repeats, a.checkpointing)
         err = r["max_rel"]
         rows[world] = {"step_s": r["step_s"], "peak_mb": r["peak_mb"], "max_rel": err}
         print(f"N={world}  step {r['step_s'] * 1e3:8.1f} ms  peak {r['peak_mb']:7.1f} MB per rank "
               f"({r['peak_mb'] / single['peak_mb']:.2f}x)  grad max rel {err:.2g}  "
               f"({time.perf_counter() - t0:.0f} s with compile)", flush=True)
-    write_json(a.json, {"environment": environment(), "config": cfg, "rows": rows})
+    write_json(a.json, {"environment": environment(), "config": cfg,
+                        "checkpointing": a.checkpointing, "rows": rows})
 
 
 if __name__ == "__main__":

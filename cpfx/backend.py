@@ -82,6 +82,7 @@ class CpfxBackend:
         from cpfx import training
 
         training.refuse_unsupported(self.config, self.mesh_info)
+        checkpointed = training.checkpointed_modules(gm)
         rewritten: list[fx.GraphModule] = []
 
         def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
@@ -99,6 +100,7 @@ class CpfxBackend:
         with torch.no_grad():
             capture.functionalize(gm, example_inputs, compile_fn)
         (parallel,) = rewritten
+        training.tag_recompute(parallel, checkpointed)
         return training.derive_backward(parallel, example_inputs, self.config.compile)
 
     def compile_aten(

@@ -139,6 +139,9 @@ class _AttentionObserver(TorchDispatchMode):
     """Counts attention kernels outside cpfx's graphs. Ignores compile internals, so Dynamo
     compiles and runs its cached code exactly as without it (checked: no recompile)."""
 
+    supports_higher_order_operators = True
+    """Higher-order ops (the RNG-state wrappers of recomputed regions, ...) pass through."""
+
     def __init__(self, paths: dict[int, str], report: AttentionReport) -> None:
         super().__init__()
         self.paths = paths

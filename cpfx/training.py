@@ -169,6 +169,69 @@ def _differentiable_copies(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def checkpointed_modules(gm: fx.GraphModule) -> list[str]:
+    """The modules whose forward ran under activation checkpointing in Dynamo's graph (diffusers'
+    `enable_gradient_checkpointing()`): per `tag_activation_checkpoint` region, the longest module
+    path that every op of its body lies under (from `nn_module_stack`)."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or "tag_activation_checkpoint" not in str(n.target):
+            continue
+        arg = n.args[0] if n.args else None
+        body = getattr(gm, str(arg.target), None) if isinstance(arg, fx.Node) else None
+        if not isinstance(body, fx.GraphModule):
+            continue
+        paths = [
+            next(iter(b.meta["nn_module_stack"].values()))[0].split(".")
+            for b in body.graph.nodes
+            if b.op == "call_function" and b.meta.get("nn_module_stack")
+        ]
+        if not paths:
+            continue
+        common = paths[0]
+        for p in paths[1:]:
+            k = 0
+            while k < min(len(common), len(p)) and common[k] == p[k]:
+                k += 1
+            common = common[:k]
+        if len(paths) > 1 and common:
+            found.append(".".join(common))
+    return found
+
+
+def tag_recompute(gm: fx.GraphModule, modules: list[str]) -> int:
+    """Mark the rewritten graph's ops of checkpointed modules for recomputation in backward
+    (AOTAutograd's partitioner reads `meta["recompute"]`), one region per module; communication
+    and cpfx's gradient markers are saved, not recomputed. Returns how many ops were marked."""
+    if not modules:
+        return 0
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    marked = 0
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if n.op != "call_function" or not stack or "cpfx_collective" in n.meta:
+            continue
+        if "cpfx_wait" in n.meta or n.target in (sum_grad, gather_tokens):
+            continue
+        if "_c10d_functional" in str(n.target):
+            continue
+        paths = [v[0] for v in stack.values()]
+        ids = [
+            i for i, m in enumerate(modules)
+            if any(p == m or p.startswith(m + ".") for p in paths)
+        ]
+        if ids:
+            n.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+            n.meta["ac_graph_id"] = ids[-1]
+            marked += 1
+    if marked:
+        from cpfx.debug import counters
+
+        counters["training"]["recompute_tagged"] += marked
+    return marked
+
+
 def output_count(gm: fx.GraphModule) -> int:
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     return len(torch.utils._pytree.tree_leaves(out.args))

@@ -8,7 +8,8 @@ size: median time of a step (after a warm-up step that compiles), the peak bytes
 above what was live before it (`cpfx.measure.peak_bytes`; weights, inputs and gradients left from
 an earlier step are not in it: gradients are set to None before each step), and the largest
 parameter-gradient difference from the single process on any rank (relative to
-max(1, max |grad|)). The single
+max(1, max |grad|)), as the rank holds it and as it would be after summing it over the ranks.
+`--diffusers` adds diffusers' own Ulysses (`enable_parallelism`) at each N. The single
 process runs with the same thread count as one rank (1), so the time column compares like with
 like on a machine with fewer cores than ranks only in the memory column.
 """
@@ -64,8 +65,25 @@ def _build(cfg: dict[str, Any], checkpointing: bool) -> tuple[torch.nn.Module, d
     return m, kw
 
 
-def _rank(rank: int, world: int, q: Any, cfg: dict[str, Any], repeats: int, ckpt: bool) -> None:
+def _parallelize(m: torch.nn.Module, method: str, world: int) -> None:
     import cpfx
+
+    if method == "cpfx":
+        cpfx.parallelize(m, None, cpfx.ParallelConfig())
+        return
+    from diffusers import ContextParallelConfig
+
+    # diffusers computes rank % torch.accelerator.device_count(), which is 0 without a GPU.
+    orig = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1  # type: ignore[assignment]
+    try:
+        m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    finally:
+        torch.accelerator.device_count = orig  # type: ignore[assignment]
+
+
+def _rank(rank: int, world: int, q: Any, cfg: dict[str, Any], repeats: int, ckpt: bool,
+          method: str = "cpfx") -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -76,14 +94,25 @@ def _rank(rank: int, world: int, q: Any, cfg: dict[str, Any], repeats: int, ckpt
     _step(ref_m, kw, w)
     ref = _grads(ref_m)
     del ref_m, out
-    cpfx.parallelize(m, None, cpfx.ParallelConfig())
-    r = _measure(m, kw, repeats)
+    try:
+        _parallelize(m, method, world)
+        r = _measure(m, kw, repeats)
+    except Exception as e:  # noqa: BLE001 - a peer that fails is a result
+        if rank == 0:
+            q.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        dist.destroy_process_group()
+        return
     err = max(_rel(g, ref[n]) for n, g in r["grads"].items())
+    summed = 0.0  # the error if the ranks' gradients were summed over the group afterwards
+    for n, g in r["grads"].items():
+        g = g.clone()
+        dist.all_reduce(g)
+        summed = max(summed, _rel(g, ref[n]))
     peaks = [None] * world
-    dist.all_gather_object(peaks, (r["peak_mb"], err))
+    dist.all_gather_object(peaks, (r["peak_mb"], err, summed))
     if rank == 0:
-        q.put({"step_s": r["step_s"], "peak_mb": max(p for p, _ in peaks),
-               "max_rel": max(e for _, e in peaks)})
+        q.put({"step_s": r["step_s"], "peak_mb": max(p[0] for p in peaks),
+               "max_rel": max(p[1] for p in peaks), "max_rel_summed": max(p[2] for p in peaks)})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -94,22 +123,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    ap.add_argument("--diffusers", action="store_true",
+                    help="also diffusers' own Ulysses (enable_parallelism) at each N")
     a = ap.parse_args()
     cfg = QUICK if a.quick else FLUX
     torch.set_num_threads(1)
     m, kw = _build(cfg, a.checkpointing)
     single = _measure(m, kw, a.repeats)
-    rows = {1: {"step_s": single["step_s"], "peak_mb": single["peak_mb"], "max_rel": 0.0}}
+    rows: dict[Any, Any] = {
+        1: {"step_s": single["step_s"], "peak_mb": single["peak_mb"], "max_rel": 0.0}
+    }
     print(f"N=1  step {single['step_s'] * 1e3:8.1f} ms  peak {single['peak_mb']:7.1f} MB",
           flush=True)
+    methods = ["cpfx", "diffusers"] if a.diffusers else ["cpfx"]
     for world in [int(x) for x in a.worlds.split(",")]:
-        t0 = time.perf_counter()
-        r = spawn_ranks(_rank, world, cfg, a.repeats, a.checkpointing)
-        err = r["max_rel"]
-        rows[world] = {"step_s": r["step_s"], "peak_mb": r["peak_mb"], "max_rel": err}
-        print(f"N={world}  step {r['step_s'] * 1e3:8.1f} ms  peak {r['peak_mb']:7.1f} MB per rank "
-              f"({r['peak_mb'] / single['peak_mb']:.2f}x)  grad max rel {err:.2g}  "
-              f"({time.perf_counter() - t0:.0f} s with compile)", flush=True)
+        for method in methods:
+            t0 = time.perf_counter()
+            r = spawn_ranks(_rank, world, cfg, a.repeats, a.checkpointing, method)
+            key = f"{method} N={world}"
+            if "error" in r:
+                rows[key] = r
+                print(f"{key:16s} fails: {r['error']}", flush=True)
+                continue
+            err = r["max_rel"]
+            rows[key] = r
+            print(f"{key:16s} step {r['step_s'] * 1e3:8.1f} ms  peak {r['peak_mb']:7.1f} MB per "
+                  f"rank ({r['peak_mb'] / single['peak_mb']:.2f}x)  grad max rel {err:.2g} "
+                  f"(summed over ranks: {r['max_rel_summed']:.2g})  "
+                  f"({time.perf_counter() - t0:.0f} s with setup)", flush=True)
     write_json(a.json, {"environment": environment(), "config": cfg,
                         "checkpointing": a.checkpointing, "rows": rows})
 

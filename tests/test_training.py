@@ -63,6 +63,14 @@ def test_ring_gradients(pools, model, rotate):
     assert res["counters"]["lower_attention"][f"ring_{rotate}"] >= 2
 
 
+def test_regional_gradients(pools):
+    """`regional=True`: each block graph differentiated on its own; the hidden states between
+    blocks are whole on every rank (their gradient summed at each block's slice)."""
+    res = check(pools(2).run(train_grads, model="flux", model_kwargs={"layers": 2, "single": 2},
+                             config={"regional": True}))
+    assert res["counters"]["lower_attention"]["ulysses"] >= 2
+
+
 def test_inductor_gradients(pools):
     res = check(pools(2).run(train_grads, model="flux", config={"compile": True}))
     assert res["counters"]["lower_attention"]["ulysses"] >= 2

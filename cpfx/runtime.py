@@ -468,16 +468,17 @@ class Runtime:
         in diffusers pipelines."""
         if not torch.is_grad_enabled():
             return None
-        needs = sum(1 for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad)
-        params = [n for n, p in self.model_ref.named_parameters() if p.requires_grad]
-        if not needs and not params:
-            return None
         from cpfx.training import refuse_unsupported
 
         try:
             refuse_unsupported(self.config, self.info)
+            return None  # the usual case in training: no scan of the parameters on each step
         except CpfxError as e:
-            return f"{e} (rank {self.info.cp_rank}, {self.model_name})"
+            problem = f"{e} (rank {self.info.cp_rank}, {self.model_name})"
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves) or any(
+            p.requires_grad for p in self.model_ref.parameters()
+        ):
+            return problem
         return None
 
     def _recompile_error(self) -> RecompileLimitError:

@@ -22,13 +22,14 @@ group.
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from cpfx import comm
+from cpfx import comm, debug
 from cpfx.errors import CpfxError
 
 
@@ -145,9 +146,7 @@ def coalesce_gradient_sums(gm: fx.GraphModule) -> int:
     if merged:
         g.lint()
         gm.recompile()
-        from cpfx.debug import counters
-
-        counters["training"]["gradient_sums_coalesced"] += merged
+        debug.counters["training"]["gradient_sums_coalesced"] += merged
     return merged
 
 
@@ -188,12 +187,7 @@ def checkpointed_modules(gm: fx.GraphModule) -> list[str]:
         ]
         if not paths:
             continue
-        common = paths[0]
-        for p in paths[1:]:
-            k = 0
-            while k < min(len(common), len(p)) and common[k] == p[k]:
-                k += 1
-            common = common[:k]
+        common = os.path.commonprefix(paths)  # element-wise: the shared leading path parts
         if len(paths) > 1 and common:
             found.append(".".join(common))
     return found
@@ -210,11 +204,9 @@ def tag_recompute(gm: fx.GraphModule, modules: list[str]) -> int:
     marked = 0
     for n in gm.graph.nodes:
         stack = n.meta.get("nn_module_stack")
-        if n.op != "call_function" or not stack or "cpfx_collective" in n.meta:
+        if n.op != "call_function" or not stack or n.target in (sum_grad, gather_tokens):
             continue
-        if "cpfx_wait" in n.meta or n.target in (sum_grad, gather_tokens):
-            continue
-        if "_c10d_functional" in str(n.target):
+        if debug.is_collective_start(n) or debug.is_wait(n):
             continue
         paths = [v[0] for v in stack.values()]
         ids = [
@@ -226,9 +218,7 @@ def tag_recompute(gm: fx.GraphModule, modules: list[str]) -> int:
             n.meta["ac_graph_id"] = ids[-1]
             marked += 1
     if marked:
-        from cpfx.debug import counters
-
-        counters["training"]["recompute_tagged"] += marked
+        debug.counters["training"]["recompute_tagged"] += marked
     return marked
 
 

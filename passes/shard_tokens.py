@@ -107,8 +107,8 @@ class _Applier:
             g = _opaque(self.g, before, training.gather_tokens,
                         [x, cur.dim, cur.layout, self.rank, *args], origin=before)
         else:
-            g = splice(self.g, before, _gather, [x, cur.dim, cur.layout, *args], origin=before,
-                       pass_name=PASS)
+            g = splice(self.g, before, comm.gather_contiguous, [x, cur.dim, cur.layout, *args],
+                       origin=before, pass_name=PASS)
         g.meta["val"] = val(x)
         g.meta["cpfx_gather"] = (x.name, f"{before.name}: {where(before)}")
         self.place[g] = REPLICATE
@@ -279,10 +279,6 @@ def _opaque(
         n = g.create_node("call_function", fn, tuple(args))
     copy_origin_meta(n, origin, PASS)
     return n
-
-
-def _gather(x: torch.Tensor, *args: Any) -> torch.Tensor:
-    return comm.gather_contiguous(x, *args)
 
 
 def _overrides(ctx: PassContext) -> Callable[[fx.Node], bool]:

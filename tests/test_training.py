@@ -93,6 +93,11 @@ def test_data_parallel_times_ulysses_with_ddp(pools):
 # --- the task every rank of the pool runs -----------------------------------------------------
 
 
+def _rel_error(g: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference, relative to max(1, largest |ref|)."""
+    return ((g - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
+
+
 def train_grads(
     model: str,
     mesh_shape: tuple[int, ...] | None = None,
@@ -156,21 +161,19 @@ def train_grads(
     mesh = make_mesh(mesh_shape, mesh_names)
     cpfx.parallelize(m, mesh, cpfx.ParallelConfig(**(config or {})))
     got = run(m)
-    worst, worst_name, missing, errs = 0.0, "", [], {}
+    missing, errs = [], {}
     for r_step, g_step in zip(ref, got):
         for name, r in r_step.items():
             g = g_step.get(name)
             if g is None:
                 missing.append(name)
                 continue
-            err = ((g - r).abs().max() / max(1.0, r.abs().max().item())).item()
-            errs[name] = max(err, errs.get(name, 0.0))
-            if err > worst:
-                worst, worst_name = err, name
+            errs[name] = max(_rel_error(g, r), errs.get(name, 0.0))
+    worst = max(errs, key=errs.__getitem__, default="")
     counters = {k: dict(v) for k, v in cpfx.counters.items()}
     return {
-        "max_rel": worst,
-        "worst": worst_name,
+        "max_rel": errs.get(worst, 0.0),
+        "worst": worst,
         "missing": missing,
         "params": len(ref[0]),
         "errors": errs,
@@ -205,10 +208,7 @@ def dp_train() -> dict[str, Any]:
     d = dist.get_rank() // 2
     out = first_output(ddp(**samples[d]))[0]
     (out * weights[d]).sum().backward()  # DDP averages the gradients over the dp group
-    worst, worst_name = 0.0, ""
-    for n, p in m.named_parameters():
-        err = ((p.grad - ref[n]).abs().max() / max(1.0, ref[n].abs().max().item())).item()
-        if err > worst:
-            worst, worst_name = err, n
-    return {"max_rel": worst, "worst": worst_name, "params": len(ref),
+    errs = {n: _rel_error(p.grad, ref[n]) for n, p in m.named_parameters()}
+    worst = max(errs, key=errs.__getitem__)
+    return {"max_rel": errs[worst], "worst": worst, "params": len(ref),
             "parallel": cpfx.counters["lower_attention"]["ulysses"]}

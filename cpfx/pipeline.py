@@ -29,7 +29,9 @@ class Pass:
     required: bool = False
     """Skipping it would leave a graph that cannot run (`skip_passes` refuses it)."""
     refresh_meta: bool = False
-    """Later passes read `meta["val"]` of the nodes it creates: re-propagate fake values after it."""
+    """It changes the shapes of existing nodes and later passes read `meta["val"]`: re-propagate
+    fake values of every node after it. Other passes only add nodes (each existing node keeps its
+    value): after the last of them, only the new nodes are given values."""
     sets_schedule: bool = False
     """It orders the collectives for overlap: inductor must keep that order."""
 
@@ -76,8 +78,8 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.G
     dump = ctx.config.dump_dir
     rank = ctx.mesh.cp_rank
     active = active_passes(passes, ctx.config)
-    # meta["val"] is re-propagated (about as costly as one fake forward) only where it is read:
-    # after passes that say so, and after the last rewrite (byte counts, inductor, dumps).
+    # meta["val"] is re-propagated in full (about as costly as one fake forward) only after passes
+    # that change shapes; after the last rewrite the new nodes get theirs (byte counts, dumps).
     last_rewrite = [p.name for p in active if p.name != "check_collectives"][-1]
     log.info("cpfx pipeline: %s", ", ".join(f"{i}:{p.name}" for i, p in enumerate(passes)))
     if dump:
@@ -95,8 +97,10 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass]) -> fx.G
                 raise TypeError(f"returned {type(out).__name__}, not a GraphModule")
             gm = out
             gm.graph.lint()
-            if p.refresh_meta or p.name == last_rewrite:
+            if p.refresh_meta:
                 refresh_meta(gm, ctx)
+            elif p.name == last_rewrite:
+                refresh_meta(gm, ctx, new_only=True)
         except CpfxError:
             raise
         except Exception as e:  # noqa: BLE001 - wrapped with the pass name
@@ -125,9 +129,19 @@ def _drop_unused_constants(gm: fx.GraphModule) -> None:
             delattr(gm, name)
 
 
-def refresh_meta(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """Recompute `meta["val"]` of every node with fake tensors (new nodes have none)."""
+class _NewNodesProp(FakeTensorProp):
+    """Fake propagation that keeps the value a node already has (only new nodes are computed)."""
+
+    def run_node(self, n: fx.Node) -> object:
+        if n.op != "placeholder" and "val" in n.meta:
+            return n.meta["val"]
+        return super().run_node(n)
+
+
+def refresh_meta(gm: fx.GraphModule, ctx: PassContext, new_only: bool = False) -> None:
+    """Recompute `meta["val"]` with fake tensors: of every node, or of the nodes that have none."""
     if ctx.fake_mode is None:
         return
+    prop = _NewNodesProp if new_only else FakeTensorProp
     with torch.no_grad():
-        FakeTensorProp(gm, ctx.fake_mode).propagate_dont_convert_inputs(*ctx.fake_inputs)
+        prop(gm, ctx.fake_mode).propagate_dont_convert_inputs(*ctx.fake_inputs)

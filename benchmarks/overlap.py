@@ -1,4 +1,5 @@
-"""Overlapped vs. in-order schedule of one attention block (`ParallelConfig(async_qkv=...)`).
+"""Overlapped vs. in-order schedule of one attention block (`ParallelConfig(async_qkv=...)`), and
+Q, K, V in one all-to-all (`ParallelConfig(qkv_all_to_all="one")`).
 
     python benchmarks/overlap.py [--world 2] [--block single|double] [--tokens 4096] [--json out.json]
     python benchmarks/overlap.py --device cuda --backend nccl --world 2   # one GPU per rank
@@ -7,9 +8,10 @@
 
 A tiny diffusers Flux with one block (the single-stream block computes its MLP independently of attention,
 so the output all-to-all can hide behind it; the double-stream block overlaps Q's all-to-all with
-the K/V projections) is parallelized twice on every rank, once with async_qkv=True (the overlap
-pass) and once with async_qkv=False (each all-to-all waited right after it starts). Both are
-checked against the single-process block (same device and dtype), then called alternately A B A B ...; a call's time is
+the K/V projections) is parallelized three times on every rank: async_qkv=False (each all-to-all waited right after
+it starts), async_qkv=True (the overlap pass), both with one all-to-all each for Q, K and V; and
+one all-to-all for Q, K and V together (overlap pass on: only the output's can overlap). All are
+checked against the single-process block (same device and dtype), then called in turns A B C C B A ...; a call's time is
 the slowest rank's (ranks start together after a barrier). Median of `--repeats` calls each.
 
 On a 2-core CPU machine the gloo threads compete with compute for the same cores, so little or
@@ -62,10 +64,14 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
     dist.init_process_group(args.backend, rank=rank, world_size=args.world)
     mesh = init_device_mesh(device.split(":")[0], (args.world,), mesh_dim_names=("ulysses",))
     block, inputs = build(args, device)
-    models = {"overlapped": block, "in_order": copy.deepcopy(block)}
+    variants = {
+        "in_order": {"async_qkv": False, "qkv_all_to_all": "three"},
+        "overlapped": {"async_qkv": True, "qkv_all_to_all": "three"},
+        "one_qkv": {"async_qkv": True, "qkv_all_to_all": "one"},
+    }
+    models = {name: copy.deepcopy(block) for name in variants}
     for name, m in models.items():
-        config = cpfx.ParallelConfig(async_qkv=name == "overlapped", compile=args.compile)
-        cpfx.parallelize(m, mesh, config)
+        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(compile=args.compile, **variants[name]))
     cpfx.reset_counters()
 
     def call(m):
@@ -80,7 +86,7 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
         for name, m in models.items():
             out = call(m)  # first call compiles
             errs[name] = (out[0].float().cpu() - ref).abs().max().item()
-        if cpfx.counters["lower_attention"]["ulysses"] != 2:
+        if cpfx.counters["lower_attention"]["ulysses"] != len(models):
             raise RuntimeError(f"expected one rewritten attention per copy: {dict(cpfx.counters)}")
         for i in range(args.warmup + args.repeats):
             order = list(models) if i % 2 == 0 else list(reversed(models))
@@ -133,12 +139,11 @@ def main() -> None:
         f"{args.head_dim}, {args.world} ranks ({args.device}, {args.backend}, {args.dtype}"
         f"{', inductor' if args.compile else ''}, {args.threads} thread(s))"
     )
-    for name in ("in_order", "overlapped"):
+    for name in ("in_order", "overlapped", "one_qkv"):
         print(
-            f"  {name:<11} {med[name] * 1e3:8.2f} ms   max |out - single process| "
-            f"{r['max_abs_vs_single'][name]:.2e}"
+            f"  {name:<11} {med[name] * 1e3:8.2f} ms   {med[name] / med['in_order']:.3f}x in_order"
+            f"   max |out - single process| {r['max_abs_vs_single'][name]:.2e}"
         )
-    print(f"  overlapped / in_order = {med['overlapped'] / med['in_order']:.3f}")
     write_json(args.json, r)
 
 

@@ -268,10 +268,12 @@ def part2(bw8_gbps=None):
 HOST_CFG = dict(img=16, txt=8, heads=8, head_dim=16, layers=1, single=2)
 
 
-def host_floor(worlds, repeats=300):
+def host_floor(worlds, rounds=12, block=25):
     """Per-forward time at a size where the host's per-op dispatch dominates (CPU, 1 thread): the
-    single process (eager, and through Dynamo) vs rank 0's cpfx graph under the fake group, called
-    in turns (medians), one N at a time."""
+    single process (eager, and through Dynamo) vs rank 0 of a cpfx model under the fake group
+    (Q, K, V in three all-to-alls or in one; with the per-call input check, and without it). Each
+    variant runs `block` calls in a row (its weights stay in the CPU caches, as for a model called
+    in a loop), variants take turns for `rounds` rounds; medians of the calls, one N at a time."""
     import copy
 
     import cpfx
@@ -279,29 +281,32 @@ def host_floor(worlds, repeats=300):
 
     torch.set_num_threads(1)
     m, kw = build(HOST_CFG, "cpu", torch.float32)
+    variants = {
+        "rank_three_qkv": {"qkv_all_to_all": "three"},
+        "rank_one_qkv": {"qkv_all_to_all": "one"},
+        "rank_one_unchecked": {"qkv_all_to_all": "one", "check_inputs": "never"},
+    }
     res = {}
     for n in worlds:
         torch._dynamo.reset()
-        rank = copy.deepcopy(m)
         with fake_world(n), torch.no_grad():
             mesh = torch.distributed.device_mesh.init_device_mesh(
                 "cpu", (n,), mesh_dim_names=("ulysses",)
             )
-            cpfx.parallelize(rank, mesh, cpfx.ParallelConfig(check_collectives=False))
-            fns = {
-                "single_eager": m,
-                "single_dynamo": torch.compile(m, backend="eager"),
-                f"rank_of_{n}": rank,
-            }
+            fns = {"single_eager": m, "single_dynamo": torch.compile(m, backend="eager")}
+            for name, v in variants.items():
+                cfg = cpfx.ParallelConfig(check_collectives=False, **v)
+                fns[name] = cpfx.parallelize(copy.deepcopy(m), mesh, cfg)
             times = {k: [] for k in fns}
-            for _ in range(3):
-                for f in fns.values():
+            for f in fns.values():
+                for _ in range(3):
                     f(**kw)
-            for _ in range(repeats):
+            for _ in range(rounds):
                 for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    f(**kw)
-                    times[k].append(time.perf_counter() - t0)
+                    for _ in range(block):
+                        t0 = time.perf_counter()
+                        f(**kw)
+                        times[k].append(time.perf_counter() - t0)
         for k, v in times.items():
             res.setdefault(k + "_ms", []).append(statistics.median(v) * 1e3)
     torch._dynamo.reset()
@@ -338,8 +343,10 @@ def main():
             "host time per forward, CPU 1 thread, tiny Flux 16+8 tokens, 1+2 blocks (ms; "
             "medians of calls in turns, one column per N):"
         )
+        base = res["single_dynamo_ms"]
         for k, v in res.items():
-            print(f"  {k[:-3]:<14}" + "".join(f"{t:8.2f}" for t in v))
+            ratios = "".join(f"{t / b:7.2f}x" for t, b in zip(v, base))
+            print(f"  {k[:-3]:<14}" + "".join(f"{t:8.2f}" for t in v) + "   vs Dynamo:" + ratios)
         write_json(args.json, res)
         return
     cfg = QUICK_CFG if args.quick else (GPU_CFG if args.device == "cuda" else CPU_CFG)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpfx import comm
+from cpfx.debug import counters
 from cpfx.graph_utils import tag
 from cpfx.mesh import MeshInfo
 from cpfx.sharding.layout import Layout, Range
@@ -67,6 +68,9 @@ class AttnSpec:
     differentiable: bool = False
     """The graph will be differentiated: each ring block's attention and log-sum-exp are computed
     with ops that have derivatives (the fused kernels give none for the log-sum-exp)."""
+    one_qkv_transfer: bool = False
+    """Send Q, K and V in one all-to-all (one call, one wait) where they share the token layout,
+    the head count and a plain payload; else one all-to-all each."""
 
     def group_ranks(self, ring_index: int) -> list[int]:
         """CP ranks whose tokens form ring block `ring_index` after the Ulysses all-to-all."""
@@ -179,6 +183,42 @@ def seq_to_heads(x: Tensor, spec: AttnSpec, heads: int, role: str, layout: Layou
         )  # flat: peer j's [S_j, B, h_me, W], in peer order
     blk = sum(sizes)
     return codec.decode(y.reshape(1, blk, B, me, W), spec.site.dtype, (1, blk, B, me, D))
+
+
+def qkv_to_heads(
+    q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`seq_to_heads` of Q, K and V in one all-to-all: rows [S_loc, B, h, D + D + Dv]."""
+    site = spec.site
+    U, B, D, Dv = spec.mesh.ulysses, site.batch, site.head_dim, site.value_dim
+    s_loc, sizes = spec.seq_sizes(site.q_layout)
+    h = spec.head_sizes(heads)[0]
+    parts = []
+    for x, d in ((q, D), (k, D), (v, Dv)):
+        if h * U != heads:
+            x = F.pad(x, (0, 0, 0, 0, 0, h * U - heads))
+        parts.append(Plain.encode(x, U, (B, h * U, s_loc, d)))  # [U, S_loc, B, h, d] views
+    W = 2 * D + Dv
+    rows = torch.cat(parts, -1).reshape(U * s_loc, B, h, W)
+    y = comm.all_to_all(rows, sizes, [s_loc] * U, spec.mesh.ulysses_group, "qkv")
+    blk = sum(sizes)
+    y = y.reshape(1, blk, B, h, W)
+    q, k, v = (
+        Plain.decode(y.narrow(-1, a, d), site.dtype, (1, blk, B, h, d))
+        for a, d in ((0, D), (D, D), (2 * D, Dv))
+    )
+    return q, k, v
+
+
+def _one_transfer(spec: AttnSpec, kv_heads: int) -> bool:
+    site = spec.site
+    return (
+        spec.one_qkv_transfer
+        and site.q_layout == site.kv_layout
+        and kv_heads == site.heads
+        and not ({"q", "k", "v"} & spec.fp8_roles)
+        and len(set(spec.head_sizes(site.heads))) == 1
+    )
 
 
 def heads_to_seq(y: Tensor, spec: AttnSpec) -> Tensor:
@@ -415,7 +455,10 @@ def cp_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, spec: Att
         k = k.repeat_interleave(rep, 1)
         v = v.repeat_interleave(rep, 1)
         gqa, kv_heads = False, site.heads
-    if mesh.ulysses > 1:
+    if mesh.ulysses > 1 and _one_transfer(spec, kv_heads):
+        counters["attention"]["qkv_one_transfer"] += 1
+        q, k, v = qkv_to_heads(q, k, v, spec, site.heads)
+    elif mesh.ulysses > 1:
         q = seq_to_heads(q, spec, site.heads, "q", site.q_layout)
         k = seq_to_heads(k, spec, kv_heads, "k", site.kv_layout)
         v = seq_to_heads(v, spec, kv_heads, "v", site.kv_layout)

@@ -152,12 +152,18 @@ class GraphRunner:
         self.fn: Callable[..., Any] = gm.forward
 
     def finish(self) -> None:
-        if self.ctx.config.compile:
+        if not self.ctx.config.compile:
+            from cpfx.fastcall import fast_module
+
+            self.fn = fast_module(self.gm).forward
+        else:
             from cpfx.inductor import compile_with_inductor
 
             # compile_fx returns a function of unboxed arguments (whatever its `_boxed_call` says:
             # aot_module_simplified copies the attribute from the boxed function it wraps).
-            self.fn = compile_with_inductor(self.gm, list(self.ctx.fake_inputs), self.keep_schedule)
+            self.fn = compile_with_inductor(
+                self.gm, list(self.ctx.fake_inputs), self.keep_schedule
+            )
         if self.reference is not None:
             from cpfx.verify import verify_first_call
 

@@ -35,6 +35,14 @@ class ParallelConfig:
     """Schedule each all-to-all as early as its input is ready and wait right before first use, so
     the K/V projections overlap Q's transfer. Never changes results."""
 
+    qkv_all_to_all: Literal["auto", "one", "three"] = "auto"
+    """Ulysses transfers of Q, K and V: "three" sends each on its own (with `async_qkv`, Q's
+    transfer runs under the K/V projections); "one" sends them in one all-to-all (one call and
+    one wait instead of three: less host work per attention) wherever Q and K/V share their
+    tokens and heads and travel unquantized; "auto" picks "one" where Q's payload per rank is
+    under 512 KiB (there the host's per-call work dominates and the overlap gains nothing) or
+    `async_qkv` is off, else "three". Never changes results."""
+
     compile: bool = False
     """Hand the rewritten graph to inductor. Default: run it eagerly as an FX GraphModule."""
 
@@ -101,6 +109,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _choice(self, "ring_rotate", ("allgather", "p2p"))
         _choice(self, "head_padding", ("auto", "pad", "uneven"))
+        _choice(self, "qkv_all_to_all", ("auto", "one", "three"))
         for name in (
             "fp8_comm", "async_qkv", "compile", "check_collectives", "strict", "verify", "regional"
         ):

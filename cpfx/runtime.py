@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
 import linecache
 import logging
@@ -757,28 +758,33 @@ def _is_recompile_limit(e: BaseException) -> bool:
     return isinstance(e, FailOnRecompileLimitHit)
 
 
+@functools.cache
+def _limit_patch(limit: int | None) -> tuple[tuple[str, Any], ...]:
+    cfg = torch._dynamo.config
+    fail = "fail_on_recompile_limit_hit"
+    patch: dict[str, Any] = {fail if hasattr(cfg, fail) else "fail_on_cache_limit_hit": True}
+    if limit is not None:
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        patch[name] = limit
+    return tuple(patch.items())
+
+
 class _recompile_limit_is_an_error:
     """Within a call: Dynamo raises at its recompile limit instead of running eagerly (and, on a
-    torch without per-compile limits, uses `limit` as the global one)."""
+    torch without per-compile limits, uses `limit` as the global one). Settings that already
+    have the value are left alone (this runs on every call)."""
 
     def __init__(self, limit: int | None) -> None:
-        cfg = torch._dynamo.config
-        fail = "fail_on_recompile_limit_hit"
-        self.patch: dict[str, Any] = {
-            fail if hasattr(cfg, fail) else "fail_on_cache_limit_hit": True
-        }
-        if limit is not None:
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            self.patch[name] = limit
+        self.patch = _limit_patch(limit)
 
     def __enter__(self) -> None:
         cfg = torch._dynamo.config
-        self.old = {k: getattr(cfg, k) for k in self.patch}
-        for k, v in self.patch.items():
-            setattr(cfg, k, v)
+        self.old = [(k, old) for k, v in self.patch if (old := getattr(cfg, k)) != v]
+        for k, _ in self.old:
+            setattr(cfg, k, dict(self.patch)[k])
 
-    def __exit__(self, *exc: Any) -> None:
-        for k, v in self.old.items():
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.old:
             setattr(torch._dynamo.config, k, v)
 
 

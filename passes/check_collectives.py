@@ -105,7 +105,7 @@ class _Names:
 
     def __init__(self, gm: fx.GraphModule | None = None) -> None:
         names = {"all_to_all_single", "all_gather_into_tensor", "cpfx.ring_send_recv"}
-        names |= {"q", "k", "v", "o", "kv", "gather", ""}
+        names |= {"q", "k", "v", "qkv", "o", "kv", "gather", ""}
         names |= {str(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8)}
         if gm is not None:
             names |= {collective_kind(n) for n in collective_nodes(gm)}

@@ -5,7 +5,7 @@ and, if `fp8_comm` ran, `meta["cpfx_fp8"]` (the roles whose payload travels as F
 Postconditions: no placeholder is left; each became `cpfx.attention.cp_attention` traced into
 the graph: Ulysses all-to-alls over the "ulysses" mesh dim, ring over the "ring" dim, both for
 a 2-D mesh (USP). Collectives are functional-collective start/wait pairs (and `cpfx::ring_send_recv`
-for p2p ring steps), tagged with `meta["cpfx_role"]` in {"q", "k", "v", "o", "kv"}.
+for p2p ring steps), tagged with `meta["cpfx_role"]` in {"q", "k", "v", "qkv", "o", "kv"}.
 
     before:  o = cpfx.sharded_attention(q, k, v, mask)                       # [B, H, S/N, D]
     after:   q2 = wait(all_to_all(q.reshape/permute)) ... o2 = sdpa(q2, k2, v2, mask[pieces])
@@ -50,7 +50,27 @@ def make_spec(site: AttnSite, ctx: PassContext, fp8_roles: frozenset[str] = froz
         head_padding=mode,
         fp8_roles=fp8_roles,
         differentiable=ctx.training,
+        one_qkv_transfer=one_qkv_transfer(site, ctx),
     )
+
+
+ONE_QKV_BELOW = 512 * 1024
+"""`qkv_all_to_all="auto"`: Q's payload per rank (bytes) under which Q, K and V go in one
+all-to-all. Below it the host's per-call work dominates and the overlap gains nothing; above it
+Q's transfer under the K/V projections is worth two more calls (benchmarks/overlap.py)."""
+
+
+def one_qkv_transfer(site: AttnSite, ctx: PassContext) -> bool:
+    """Whether Q, K and V share one all-to-all (where `cp_attention` can: same tokens, heads and
+    plain payload). Decided from global sizes only: every rank decides the same."""
+    mode = ctx.config.qkv_all_to_all
+    if mode != "auto":
+        return mode == "one"
+    if not ctx.config.async_qkv:
+        return True
+    per_rank = -(-site.q_layout.size // ctx.mesh.world)
+    q_bytes = site.batch * site.heads * per_rank * site.head_dim * site.dtype.itemsize
+    return q_bytes < ONE_QKV_BELOW
 
 
 def lower_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

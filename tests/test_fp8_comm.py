@@ -32,7 +32,7 @@ def test_fp8_rewrites_q_v_o_not_k():
 
 def test_fp8_bytes_at_head_dim_128_bf16():
     kw = {"heads": 2, "head_dim": 128, "img": 32, "txt": 8}
-    (plain,) = rewrite("flux", world=2, model_kwargs=kw, dtype=torch.bfloat16)
+    (plain,) = rewrite("flux", world=2, model_kwargs=kw, dtype=torch.bfloat16, qkv_all_to_all="three")
     (fp8,) = rewrite("flux", world=2, model_kwargs=kw, dtype=torch.bfloat16, fp8_comm=True)
     a, b = payload_bytes(plain), payload_bytes(fp8)
     ratio = sum(b.values()) / sum(a.values())

@@ -18,7 +18,7 @@ def order(gm):
 
 
 def test_flux_ulysses_one_all_to_all_per_q_k_v_o():
-    (gm,) = rewrite("flux", world=4)
+    (gm,) = rewrite("flux", world=4, qkv_all_to_all="three")
     c = collections.Counter(roles(gm))
     n_attn = cpfx.counters["lower_attention"]["ulysses"]
     assert n_attn == 2  # one double-stream block, one single-stream block
@@ -27,8 +27,28 @@ def test_flux_ulysses_one_all_to_all_per_q_k_v_o():
     assert not [n for n in gm.graph.nodes if "sharded_attention" in str(n.target)]
 
 
+@pytest.mark.parametrize("mode", ["auto", "one"])
+def test_flux_ulysses_q_k_v_in_one_all_to_all(mode):
+    """Small payloads (auto) or asked for: Q, K and V travel together, rows [S, B, h, 3 * D]."""
+    (gm,) = rewrite("flux", world=4, qkv_all_to_all=mode)
+    assert collections.Counter(roles(gm)) == {"qkv": 2, "o": 2}
+    for n in gm.graph.nodes:
+        if n.meta.get("cpfx_role") == "qkv" and n.meta.get("cpfx_collective"):
+            assert n.args[0].meta["val"].shape[-1] == 3 * 16  # head_dim 16
+
+
+def test_auto_sends_large_q_alone():
+    """Above 512 KiB of Q per rank, auto keeps Q's transfer separate (it overlaps the K/V
+    projections); a per-rank size is rounded up, so every rank decides the same."""
+    kw = {"img": 1024, "txt": 64, "heads": 8, "head_dim": 64}  # 1088 * 8 * 64 * 4 / 2 = 1.1 MB
+    (gm,) = rewrite("flux", world=2, model_kwargs=kw)
+    assert collections.Counter(roles(gm)) == {"q": 2, "k": 2, "v": 2, "o": 2}
+    (gm,) = rewrite("flux", world=2, model_kwargs=kw, async_qkv=False)
+    assert collections.Counter(roles(gm)) == {"qkv": 2, "o": 2}
+
+
 def test_wan_cross_attention_has_no_collectives():
-    (gm,) = rewrite("wan", world=4, model_kwargs={"txt": 5})
+    (gm,) = rewrite("wan", world=4, model_kwargs={"txt": 5}, qkv_all_to_all="three")
     assert cpfx.counters["shard_tokens"]["attention_local"] == 2  # attn2 of both blocks
     assert collections.Counter(roles(gm)) == {"q": 2, "k": 2, "v": 2, "o": 2}
     sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
@@ -50,7 +70,8 @@ def test_qwen_mask_stays_replicated_and_is_indexed():
 def test_uneven_local_shapes_differ_per_rank():
     shapes = []
     for rank in range(3):
-        (gm,) = rewrite("flux", world=3, rank=rank, model_kwargs={"img": 64, "txt": 7})
+        kw = {"img": 64, "txt": 7}
+        (gm,) = rewrite("flux", world=3, rank=rank, model_kwargs=kw, qkv_all_to_all="three")
         ph = [n for n in gm.graph.nodes if n.meta.get("cpfx_role") == "q"][0]
         shapes.append(tuple(ph.args[0].meta["val"].shape))
     # 64 image tokens -> 22, 21, 21; 7 text tokens -> 3, 2, 2; heads padded 2 -> 3 before the all-to-all
@@ -65,7 +86,7 @@ def test_backend_found_by_name():
 
 
 def test_dumps_written(tmp_path: Path):
-    rewrite("flux", world=2, dump_dir=str(tmp_path))
+    rewrite("flux", world=2, dump_dir=str(tmp_path), qkv_all_to_all="three")
     files = sorted(p.name for p in (tmp_path / "rank0" / "graph0").iterdir())
     assert files[0] == "00_captured.py"
     assert "01_shard_tokens.py" in files and "02_lower_attention.py" in files
@@ -94,7 +115,8 @@ def _upstream_linear(node):
 @pytest.mark.parametrize("model", ["flux", "qwen", "wan", "z_image"])
 def test_async_qkv_order(model):
     checked = 0
-    for gm in rewrite(model, world=2):  # Z-Image is captured as several graphs
+    # Z-Image is captured as several graphs
+    for gm in rewrite(model, world=2, qkv_all_to_all="three"):
         pos = order(gm)
         starts = {
             r: [

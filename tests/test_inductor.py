@@ -40,7 +40,7 @@ def _between(events, buf):
 @pytest.mark.parametrize("model", ["flux", "qwen"])
 def test_inductor_keeps_q_transfer_over_k_v_projections(model):
     cpfx.reset_counters()
-    code, names = inductor_code(model, world=2)
+    code, names = inductor_code(model, world=2, qkv_all_to_all="three")
     assert cpfx.counters["inductor"]["pinned"] > 0  # ordering edges were added
     events = _schedule(code, names)
     starts = [b for kind, b in events if kind == "start"]

@@ -25,6 +25,18 @@ def test_ulysses(pools, model, world):
     assert c["shard_tokens"]["attention_sharded"] >= 2
 
 
+@pytest.mark.parametrize("qkv", ["one", "three"])
+@pytest.mark.parametrize("model", MODELS)
+def test_ulysses_q_k_v_in_one_or_three_all_to_alls(pools, model, qkv):
+    """3 ranks: uneven token counts and heads padded 2 -> 3 (Qwen: a padded text mask)."""
+    res = check(pools(3).run(parity, model=model, config={"qkv_all_to_all": qkv}))
+    n = res["counters"]["lower_attention"]["ulysses"]
+    assert n >= 2
+    assert res["counters"].get("attention", {}).get("qkv_one_transfer", 0) == (
+        n if qkv == "one" else 0
+    )
+
+
 @pytest.mark.parametrize("rotate", ["allgather", "p2p"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("model", MODELS)

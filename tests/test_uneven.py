@@ -81,8 +81,9 @@ def test_wan_uneven(pools):
 def test_bytes_padded_vs_padding_free():
     """7 heads on 4 ranks, 64 + 8 tokens (18 per rank), head_dim 16, fp32, per attention."""
     kw = {"heads": 7, "img": 64, "txt": 8}
-    (pad,) = rewrite("flux", world=4, model_kwargs=kw, head_padding="pad")
-    (free,) = rewrite("flux", world=4, model_kwargs=kw, head_padding="uneven")
+    one = {"qkv_all_to_all": "three"}
+    (pad,) = rewrite("flux", world=4, model_kwargs=kw, head_padding="pad", **one)
+    (free,) = rewrite("flux", world=4, model_kwargs=kw, head_padding="uneven", **one)
     s_loc, d, el, n_attn = 18, 16, 4, 2
     # padded: Q, K, V, O each move 8 heads (7 + 1 zero head) of every local token
     assert payload_bytes(pad) == {r: n_attn * s_loc * 8 * d * el for r in "qkvo"}

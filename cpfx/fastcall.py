@@ -1,0 +1,83 @@
+"""Run a rewritten ATen graph eagerly with less host work per op.
+
+An FX graph of ATen ops calls each op as `torch.ops.aten.<op>.<overload>(...)`: an attribute chain
+and the boxed dispatcher's generic argument parsing, about 1-2 us per op on a CPU. The single
+process's Dynamo graph calls `torch.<op>` / tensor methods instead, whose generated C++ bindings
+parse arguments directly (about 0.7 us). At the sizes where the host limits a rank (small
+shards, many ops) that difference is most of the rank graph's extra host time.
+
+`fast_module(gm)` returns a copy of the graph whose calls of the overloads listed in `BINDINGS`
+go to those bindings instead: the same positional and keyword arguments, the same kernel (each
+entry is checked against its overload, value, dtype, shape and strides, in
+tests/test_fastcall.py). Every other node is left as it is (`aten.split.Tensor`, for one: FX would
+name its binding `torch.split`, a Python wrapper with other arguments). The original graph is not changed
+(explain, dumps, the verifier and inductor read it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+_V = torch._C._VariableFunctions
+_NN = torch._C._nn
+_T = torch._C.TensorBase
+
+# overload name -> the C++ binding that parses the same schema (function, nn or method variant).
+_NAMES: dict[str, Any] = {
+    "add.Tensor": _V.add,
+    "addmm.default": _V.addmm,
+    "bmm.default": _V.bmm,
+    "cat.default": _V.cat,
+    "clone.default": _V.clone,
+    "cos.default": _V.cos,
+    "div.Tensor": _V.div,
+    "div.Tensor_mode": _V.div,
+    "exp.default": _V.exp,
+    "expand.default": _T.expand,
+    "gelu.default": _NN.gelu,
+    "layer_norm.default": _V.layer_norm,
+    "linear.default": _NN.linear,
+    "mm.default": _V.mm,
+    "mul.Tensor": _V.mul,
+    "neg.default": _V.neg,
+    "permute.default": _V.permute,
+    "pow.Tensor_Scalar": _V.pow,
+    "reciprocal.default": _V.reciprocal,
+    "reshape.default": _V.reshape,
+    "rms_norm.default": _V.rms_norm,
+    "rsqrt.default": _V.rsqrt,
+    "select.int": _V.select,
+    "sigmoid.default": _V.sigmoid,
+    "silu.default": _NN.silu,
+    "sin.default": _V.sin,
+    "split_with_sizes.default": _V.split_with_sizes,
+    "squeeze.dim": _V.squeeze,
+    "stack.default": _V.stack,
+    "sub.Tensor": _V.sub,
+    "tanh.default": _V.tanh,
+    "transpose.int": _V.transpose,
+    "unbind.int": _V.unbind,
+    "unsqueeze.default": _V.unsqueeze,
+    "view.default": _T.view,
+    "where.self": _V.where,
+}
+
+BINDINGS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    getattr(getattr(torch.ops.aten, name.split(".")[0]), name.split(".")[1]): fn
+    for name, fn in _NAMES.items()
+}
+
+
+def fast_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` (sharing its parameters and constants) that calls `BINDINGS`."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in BINDINGS:
+            n.target = BINDINGS[n.target]
+    return fx.GraphModule(gm, graph)

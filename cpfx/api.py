@@ -86,7 +86,7 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
             continue
         if type(m) not in per_class:
             per_class[type(m)] = compile_call(_call_block, runtime)
-        m._compiled_call_impl = functools.partial(per_class[type(m)], m)
+        m._compiled_call_impl = functools.partial(_block_call, per_class[type(m)], m)
     if not per_class:
         raise ConfigError(
             f"cpfx: ParallelConfig(regional=True) compiles the blocks a model lists in "
@@ -103,7 +103,38 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
     )
 
 
-def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """One block call: token shards in its arguments go in as shards (`cpfx.resident`); its
+    outputs stay shards only within a model call, and once its graph is known to run alone."""
+    from cpfx import resident
+
+    st = resident.state
+    if st.in_model == 0:  # the block called on its own: whole tensors in and out
+        return resident.materialize(
+            compiled(block, (), (), *resident.materialize(args), **resident.materialize(kwargs))
+        )
+    specs, shards, (args, kwargs) = resident.block_args(args, kwargs)
+    outer, st.block = st.block, []
+    try:
+        out = compiled(block, specs, shards, *args, **kwargs)
+        ran = st.block
+    finally:
+        st.block = outer
+    if len(ran) == 1:
+        ran[0].resident_ok = True
+    elif len(ran) > 1:  # a graph break inside the block: its graphs gather their outputs
+        for r in ran:
+            r.resident_ok = False
+    return out
+
+
+def _call_block(
+    block: nn.Module, specs: tuple[Any, ...], shards: tuple[Any, ...], *args: Any, **kwargs: Any
+) -> Any:
+    if specs:
+        from cpfx import resident
+
+        args, kwargs = resident.fill(specs, shards, args, kwargs)
     return block._call_impl(*args, **kwargs)
 
 

@@ -150,6 +150,10 @@ class GraphRunner:
     ) -> None:
         self.gm, self.ctx, self.reference, self.keep_schedule = gm, ctx, reference, keep
         self.fn: Callable[..., Any] = gm.forward
+        self.resident_outputs: dict[int, Any] = gm.meta.get("cpfx_resident_outputs", {})
+        """Output positions holding this rank's token shards (regional blocks): (dim, layout)."""
+        self.resident_ok = False
+        """Set once a block call ran this graph alone: its shards may then stay resident."""
 
     def finish(self) -> None:
         if not self.ctx.config.compile:
@@ -170,7 +174,17 @@ class GraphRunner:
             self.fn = verify_first_call(self.fn, self.gm, self.reference, self.ctx)
 
     def __call__(self, args: list[Any]) -> Any:
-        return self.fn(*args)
+        out = self.fn(*args)
+        if not self.ctx.config.regional:
+            return out
+        from cpfx import resident
+
+        if resident.state.block is not None:  # every graph of the block call counts
+            resident.state.block.append(self)
+        if not self.resident_outputs:
+            return out
+        keep = self.resident_ok and resident.state.in_model > 0
+        return resident.wrap_outputs(out, self.resident_outputs, self.ctx.mesh.cp_group, keep)
 
 
 def _input_name(n: fx.Node) -> str:

@@ -325,11 +325,18 @@ class Runtime:
             elif grad_problem:
                 raise CpfxError(grad_problem)
             n_graphs = len(self.graphs)
+            from cpfx import resident
+
+            resident.state.in_model += 1
             try:
                 out, report = self._run(fn, args, kwargs, sig if first else None)
+                if self.config.regional:  # no token shard leaves the model
+                    out = resident.materialize(out)
             except BaseException:
                 self.failed_calls += 1
                 raise
+            finally:
+                resident.state.in_model -= 1
             if report is not None:
                 self._judge(report)
             if first:
@@ -766,12 +773,16 @@ def _limit_patch(limit: int | None) -> tuple[tuple[str, Any], ...]:
     if limit is not None:
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         patch[name] = limit
+    if hasattr(cfg, "skip_nnmodule_hook_guards"):
+        # Dynamo skips guards on module hooks by default: a hook added after the first call, or
+        # on one regional block and not its siblings (which share a graph), would be ignored.
+        patch["skip_nnmodule_hook_guards"] = False
     return tuple(patch.items())
 
 
 class _recompile_limit_is_an_error:
     """Within a call: Dynamo raises at its recompile limit instead of running eagerly (and, on a
-    torch without per-compile limits, uses `limit` as the global one). Settings that already
+    torch without per-compile limits, uses `limit` as the global one), and guards module hooks. Settings that already
     have the value are left alone (this runs on every call)."""
 
     def __init__(self, limit: int | None) -> None:

@@ -7,7 +7,8 @@ sliced right after they are computed; each op runs its local form (the rule's lo
 operand whose placement differs from what its op needs is redistributed right before it:
 `Replicate -> Shard` a slice (free), `Shard -> Replicate` an all-gather, `Shard -> Shard` a
 re-slice of the global value (replayed from cheap tables when it can, else gathered); the output
-is gathered. Attention over a sharded sequence is a `cpfx::sharded_attention` placeholder
+is gathered (with `regional`, outside grad mode, it stays sharded: `cpfx.resident`, positions
+in `gm.meta["cpfx_resident_outputs"]`). Attention over a sharded sequence is a `cpfx::sharded_attention` placeholder
 carrying its `AttnSite` (lowered later). Every node keeps `meta["cpfx_plan"]`, and every node that
 holds a shard of an original value has `meta["cpfx_local_of"] = (original name, placement)`.
 
@@ -203,6 +204,12 @@ class _Applier:
             ]
         if n.op == "output":
             self._substitute_leaves(n, local)
+            outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else ()
+            self.gm.meta["cpfx_resident_outputs"] = {
+                i: (p.dim, p.layout)
+                for i, x in enumerate(outs)
+                if isinstance(x, fx.Node) and isinstance(p := self.placement(x), Shard)
+            }
             return
         self._count_attention(n, dec)
         if dec.args is None and dec.kwargs is None and dec.target is None:
@@ -310,7 +317,8 @@ def shard_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     mesh = ctx.mesh
     seeds, sdpas, short = find_seeds(gm.graph, mesh.world)
     log.info("shard_tokens: %d attention calls, %d seeds", len(sdpas), len(seeds))
-    plan = propagate(gm.graph, seeds, mesh.cp_rank, mesh.world, _overrides(ctx))
+    keep = ctx.config.regional and not ctx.training  # regional blocks hand shards on
+    plan = propagate(gm.graph, seeds, mesh.cp_rank, mesh.world, _overrides(ctx), keep)
     gm.meta["cpfx_shard_plan"] = plan
     gm.meta["cpfx_attention"] = len(sdpas)
     whole, too_short = [], 0

@@ -166,6 +166,21 @@ def test_recompile_limit_is_an_error_with_dynamo_reason():
         assert len(m._cpfx.graphs) == n == 2
 
 
+@pytest.mark.graph
+def test_hook_added_after_the_first_call_is_compiled_in():
+    """Dynamo skips guards on module hooks by default; cpfx's calls guard them, so a hook added
+    later recompiles instead of being ignored."""
+    torch._dynamo.reset()
+    m, kw = build("flux")
+    with fake_world(2), torch.no_grad():
+        cpfx.parallelize(m, _mesh(), cpfx.ParallelConfig(check_collectives=False))
+        m(**kw)
+        m.proj_out.register_forward_hook(lambda mod, args, out: out * 2)
+        m(**kw)
+    assert len(m._cpfx.graphs) == 2, m._cpfx.recompile_reasons
+    assert "_forward_hooks" in m._cpfx.recompile_reasons[-1]
+
+
 def test_diagnose_names_the_recompile_and_its_reason():
     torch._dynamo.reset()
     m, kw = build("flux")

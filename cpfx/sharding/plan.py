@@ -236,14 +236,22 @@ def find_seeds(
 # --- propagation ---------------------------------------------------------------------------------
 
 
+def _resident_local(local: torch.Tensor, *spec: Any) -> torch.Tensor:
+    """The local form of `cpfx::resident`: this rank's shard is the argument itself."""
+    return local
+
+
 def propagate(
     graph: fx.Graph,
     seeds: dict[fx.Node, int],
     rank: int,
     world: int,
     replicate: Callable[[fx.Node], bool] = lambda n: False,
+    sharded_outputs: bool = False,
 ) -> ShardPlan:
-    """Place every node, in graph order (see the module doc)."""
+    """Place every node, in graph order (see the module doc). `sharded_outputs`: graph outputs
+    keep their token sharding (`cpfx.resident`) instead of being gathered."""
+    from cpfx.resident import RESIDENT, unflatten_layout
     plan = ShardPlan({}, seeds, rank, world)
     nodes = plan.nodes
 
@@ -257,7 +265,21 @@ def propagate(
     for n in graph.nodes:
         if n.op == "output":
             call = make_call(n, placement, rank, world)
-            nodes[n] = NodePlan(REPLICATE, rules.all_replicated(call, rule="output"))
+            dec = rules.all_replicated(call, rule="output")
+            if sharded_outputs:
+                dec.needs = tuple(
+                    o.placement if isinstance(o.placement, Shard) else REPLICATE
+                    for o in call.operands
+                )
+                dec.rule = "output (token shards kept)"
+            nodes[n] = NodePlan(REPLICATE, dec)
+            continue
+        if n.op == "call_function" and n.target is RESIDENT:
+            dim, size, flat = n.args[1], n.args[2], n.args[3]
+            shard = Shard(dim, unflatten_layout(size, list(flat)))
+            dec = Decision((REPLICATE,), shard, target=_resident_local, rule="resident shard")
+            nodes[n] = NodePlan(shard, dec, cheap=False)  # its global value needs a gather
+            n.meta["cpfx_plan"] = nodes[n]
             continue
         if n.op != "call_function":
             nodes[n] = NodePlan(REPLICATE)

@@ -1,0 +1,187 @@
+"""Token shards that stay on their ranks between regional blocks (`ParallelConfig(regional=True)`).
+
+A block graph returns its token-sharded outputs as `TokenShards`: a tensor of the global shape
+that holds only this rank's shard. Given to the next compiled block, the shard goes straight in
+(`cpfx::resident` stands for the global value inside that block's graph, and the shard plan
+replaces it by the shard: no communication). Anything else that touches it (an op in the eager
+code between the blocks, a hook, the model's epilogue) first all-gathers the global value, once,
+and works on that: exact wherever it goes. Every rank runs the same code, so every rank gathers
+at the same point.
+
+A block graph's first run gathers its outputs at once (as a graph without residency would); its
+outputs stay resident from then on only if that call ran no other graph (no graph break inside
+the block, whose resumed code Dynamo would trace with a shard in hand). A parallelized model's
+returned value never holds a `TokenShards`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from cpfx import comm
+from cpfx.debug import counters
+from cpfx.sharding.layout import Layout
+
+
+def flatten_layout(layout: Layout) -> list[int]:
+    """[n_ranks, n_pieces_0, start, len, ..., n_pieces_1, ...] (custom-op arguments are ints)."""
+    out = [len(layout.parts)]
+    for p in layout.parts:
+        out.append(len(p))
+        for s, n in p:
+            out += [s, n]
+    return out
+
+
+def unflatten_layout(size: int, flat: list[int]) -> Layout:
+    parts, i = [], 1
+    for _ in range(flat[0]):
+        k = flat[i]
+        parts.append([(flat[i + 1 + 2 * j], flat[i + 2 + 2 * j]) for j in range(k)])
+        i += 1 + 2 * k
+    return Layout.make(size, parts)
+
+
+def _gather(local: torch.Tensor, dim: int, layout: Layout, group: str) -> torch.Tensor:
+    world = len(layout.parts)
+    return comm.gather_contiguous(
+        local, dim, layout, list(range(world)), group, list(local.shape), local.device.type
+    )
+
+
+@torch.library.custom_op("cpfx::resident", mutates_args=())
+def resident(local: torch.Tensor, dim: int, size: int, layout: list[int], group: str) -> torch.Tensor:
+    """The global value whose shard on this rank is `local` (an all-gather when run as it is;
+    the shard plan replaces it by `local`)."""
+    return _gather(local, dim, unflatten_layout(size, layout), group)
+
+
+@resident.register_fake
+def _(local: torch.Tensor, dim: int, size: int, layout: list[int], group: str) -> torch.Tensor:
+    shape = list(local.shape)
+    shape[dim] = size
+    return local.new_empty(shape)
+
+
+RESIDENT = torch.ops.cpfx.resident.default
+
+
+class TokenShards(torch.Tensor):
+    """A global tensor of which this rank holds `shard`, the part `shard_layout` gives it along
+    `shard_dim` (names that do not shadow tensor attributes such as `layout` and `dim()`)."""
+
+    shard: torch.Tensor
+    shard_dim: int
+    shard_layout: Layout
+    shard_group: str
+    _full: torch.Tensor | None
+
+    @staticmethod
+    def __new__(
+        cls, shard: torch.Tensor, dim: int, layout: Layout, group: str
+    ) -> TokenShards:
+        shape = list(shard.shape)
+        shape[dim] = layout.size
+        t = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=shard.dtype, device=shard.device, requires_grad=False
+        )
+        t.shard, t.shard_dim, t.shard_layout, t.shard_group = shard, dim, layout, group
+        t._full = None
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    def full(self) -> torch.Tensor:
+        if self._full is None:
+            counters["resident"]["gathered"] += 1
+            self._full = _gather(self.shard, self.shard_dim, self.shard_layout, self.shard_group)
+        return self._full
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        args, kwargs = materialize((args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (
+            f"TokenShards(global {list(self.shape)}, dim {self.shard_dim}: "
+            f"{self.shard_layout.describe()})"
+        )
+
+
+def materialize(tree: Any) -> Any:
+    """`tree` with every `TokenShards` replaced by its global value (pytree containers, and
+    mappings such as diffusers' output classes, updated in place)."""
+    if isinstance(tree, Mapping) and not isinstance(tree, dict) or type(tree).__name__.endswith(
+        "Output"
+    ):
+        for k in list(tree.keys()):
+            v = tree[k]
+            new = materialize(v)
+            if new is not v:
+                tree[k] = new
+        return tree
+    return pytree.tree_map_only(TokenShards, TokenShards.full, tree)
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.in_model = 0
+        """Depth of parallelized-model calls on this thread (shards stay resident only inside)."""
+        self.block: list[Any] | None = None
+        """The graph runners of the block call in progress."""
+
+
+state = _State()
+
+
+def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Split a block call's arguments: (resident specs, shards, args and kwargs with each
+    `TokenShards` left as None). A spec is (position or keyword, dim, size, flat layout, group)."""
+    specs: list[tuple[Any, ...]] = []
+    shards: list[torch.Tensor] = []
+
+    def take(key: Any, x: Any) -> Any:
+        if isinstance(x, TokenShards):
+            counters["resident"]["passed_in"] += 1
+            lay = x.shard_layout
+            specs.append((key, x.shard_dim, lay.size, tuple(flatten_layout(lay)), x.shard_group))
+            shards.append(x.shard)
+            return None
+        return x
+
+    new_args = tuple(take(i, a) for i, a in enumerate(args))
+    new_kwargs = {k: take(k, v) for k, v in kwargs.items()}
+    return tuple(specs), tuple(shards), (new_args, new_kwargs)
+
+
+def fill(specs: tuple[Any, ...], shards: tuple[torch.Tensor, ...], args: tuple[Any, ...],
+         kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inside the compiled block: put `cpfx::resident` of each shard where its argument was."""
+    a = list(args)
+    for (key, dim, size, flat, group), local in zip(specs, shards):
+        x = RESIDENT(local, dim, size, list(flat), group)
+        if isinstance(key, int):
+            a[key] = x
+        else:
+            kwargs[key] = x
+    return tuple(a), kwargs
+
+
+def wrap_outputs(out: Any, layouts: dict[int, tuple[int, Layout]], group: str, keep: bool) -> Any:
+    """A graph's outputs, with those at the positions in `layouts` (this rank's shards) as
+    `TokenShards`, gathered at once unless `keep`."""
+    seq = list(out)
+    for i, (dim, layout) in layouts.items():
+        # Contiguous: the next block's graph is compiled for (and Dynamo guards) its strides,
+        # and a block may return views of one joint tensor.
+        t = TokenShards(seq[i].contiguous(), dim, layout, group)
+        seq[i] = t if keep else t.full()
+    return type(out)(seq) if isinstance(out, tuple) else seq

@@ -99,12 +99,14 @@ class ParallelConfig:
     """Compile each repeated block class once (the classes a diffusers model lists in
     `_repeated_blocks`, as `compile_repeated_blocks()` does) instead of the whole model: the first
     call of a 57-block model costs about what a 2-block one does, and a new resolution recompiles
-    two small graphs. The code between the blocks runs eagerly on the whole sequence on every
-    rank (embedders, final norm), and each block gathers its output: one all-gather of the
-    hidden states per block on top of the attention's transfers. Attention outside the repeated
-    blocks (refiner blocks, for instance) is not parallelized (reported, as any attention outside
-    cpfx's graphs). Default off: the whole-model graph keeps the sequence sharded from the first
-    token-wise op to the output."""
+    a few small graphs (per class: one for whole inputs, one per layout of the token shards it is
+    handed). Between blocks the hidden states stay sharded (`cpfx.resident.TokenShards`): the
+    next block takes its shard as it is; code between the blocks (embedders, final norm, hooks
+    outside the blocks) runs eagerly and all-gathers what it reads, once. A block graph gathers
+    its outputs on its first run, and always if the block has a graph break inside. Attention
+    outside the repeated blocks (refiner blocks, for instance) is not parallelized (reported,
+    as any attention outside cpfx's graphs). Default off: the whole-model graph keeps the
+    sequence sharded from the first token-wise op to the output."""
 
     def __post_init__(self) -> None:
         _choice(self, "ring_rotate", ("allgather", "p2p"))

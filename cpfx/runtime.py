@@ -553,9 +553,9 @@ class Runtime:
             others = [r for r in range(info.world) if rows[r, 7]]
             raise CpfxError(
                 f"cpfx: rank(s) {others} called {self.model_name} with gradients enabled and "
-                "parameters or inputs requiring grad, which cpfx refuses (no exact gradients yet); "
-                "every rank raises. Call it under torch.no_grad() / torch.inference_mode(), or "
-                "model.requires_grad_(False)."
+                "parameters or inputs requiring grad, under a configuration cpfx refuses in grad "
+                "mode (gradients would not be exact: fp8_comm); every rank raises. Call it under "
+                "torch.no_grad() / torch.inference_mode(), or turn that option off."
             )
         if bool((rows == rows[0]).all()):
             return  # the common case: every rank sent the same header

@@ -27,24 +27,39 @@ def test_flux_ulysses_one_all_to_all_per_q_k_v_o():
     assert not [n for n in gm.graph.nodes if "sharded_attention" in str(n.target)]
 
 
-@pytest.mark.parametrize("mode", ["auto", "one"])
-def test_flux_ulysses_q_k_v_in_one_all_to_all(mode):
-    """Small payloads (auto) or asked for: Q, K and V travel together, rows [S, B, h, 3 * D]."""
-    (gm,) = rewrite("flux", world=4, qkv_all_to_all=mode)
+def test_flux_ulysses_q_k_v_in_one_all_to_all():
+    """Small payloads (qkv_all_to_all="auto"): Q, K and V travel together, rows [S, B, h, 3 * D]."""
+    (gm,) = rewrite("flux", world=4)
     assert collections.Counter(roles(gm)) == {"qkv": 2, "o": 2}
     for n in gm.graph.nodes:
         if n.meta.get("cpfx_role") == "qkv" and n.meta.get("cpfx_collective"):
             assert n.args[0].meta["val"].shape[-1] == 3 * 16  # head_dim 16
 
 
-def test_auto_sends_large_q_alone():
-    """Above 512 KiB of Q per rank, auto keeps Q's transfer separate (it overlaps the K/V
-    projections); a per-rank size is rounded up, so every rank decides the same."""
-    kw = {"img": 1024, "txt": 64, "heads": 8, "head_dim": 64}  # 1088 * 8 * 64 * 4 / 2 = 1.1 MB
-    (gm,) = rewrite("flux", world=2, model_kwargs=kw)
-    assert collections.Counter(roles(gm)) == {"q": 2, "k": 2, "v": 2, "o": 2}
-    (gm,) = rewrite("flux", world=2, model_kwargs=kw, async_qkv=False)
-    assert collections.Counter(roles(gm)) == {"qkv": 2, "o": 2}
+@pytest.mark.parametrize(
+    "mode, async_qkv, tokens, one",
+    [
+        ("auto", True, 2176, True),  # 1088 tokens * 2 heads * 16 * 4 bytes per rank: 139 KB
+        ("auto", True, 8192, False),  # 4096 per rank: 524 KB, over 512 KiB: Q goes alone
+        ("auto", True, 8191, False),  # sizes per rank rounded up: every rank decides the same
+        ("auto", False, 8192, True),  # nothing to overlap with
+        ("one", True, 8192, True),
+        ("three", True, 16, False),
+    ],
+)
+def test_one_qkv_transfer_choice(mode, async_qkv, tokens, one):
+    from types import SimpleNamespace
+
+    from cpfx.passes.lower_attention import one_qkv_transfer
+
+    site = SimpleNamespace(
+        q_layout=SimpleNamespace(size=tokens), batch=1, heads=2, head_dim=16, dtype=torch.float32
+    )
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(qkv_all_to_all=mode, async_qkv=async_qkv),
+        mesh=SimpleNamespace(world=2),
+    )
+    assert one_qkv_transfer(site, ctx) is one
 
 
 def test_wan_cross_attention_has_no_collectives():

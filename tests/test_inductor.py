@@ -37,7 +37,7 @@ def _between(events, buf):
     return " ".join(n for kind, x in events[s + 1 : w] if kind == "mm" for n in x)
 
 
-@pytest.mark.parametrize("model", ["flux", "qwen"])
+@pytest.mark.parametrize("model", ["flux"])  # both block kinds; the pass is model-agnostic
 def test_inductor_keeps_q_transfer_over_k_v_projections(model):
     cpfx.reset_counters()
     code, names = inductor_code(model, world=2, qkv_all_to_all="three")

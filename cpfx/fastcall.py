@@ -10,12 +10,14 @@ shards, many ops) that difference is most of the rank graph's extra host time.
 go to those bindings instead: the same positional and keyword arguments, the same kernel (each
 entry is checked against its overload, value, dtype, shape and strides, in
 tests/test_fastcall.py). Every other node is left as it is (`aten.split.Tensor`, for one: FX would
-name its binding `torch.split`, a Python wrapper with other arguments). The original graph is not changed
+name its binding `torch.split`, a Python wrapper with other arguments), except that collectives
+and cpfx's own ops are called past their Python autograd kernels (`below_autograd`). The original graph is not changed
 (explain, dumps, the verifier and inductor read it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -72,12 +74,46 @@ BINDINGS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
 }
 
 
+_BELOW_AUTOGRAD_NAMESPACES = ("_c10d_functional", "cpfx")
+
+
+@functools.cache
+def below_autograd(op: torch._ops.OpOverload) -> Callable[..., Any]:
+    """`op` called past its autograd kernel. The collectives' and cpfx's ops have autograd kernels
+    written in Python (`torch.library`), about 5 us per call even when nothing requires grad; the
+    eager runner only runs inference graphs (a call that records autograd compiles the training
+    path), where that kernel only forwards to the next one."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, **kwargs)
+
+    call.__name__ = f"{op.namespace}_{op._opname}_below_autograd"
+    call.__qualname__ = call.__name__
+    return call
+
+
 def fast_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` (sharing its parameters and constants) that calls `BINDINGS`."""
+    """A copy of `gm` (sharing its parameters and constants) that calls `BINDINGS`, and the
+    collectives past their autograd kernels. For inference graphs only."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
+    graph._codegen = gm.graph._codegen  # the same calling convention (boxed, pytree, ...)
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in BINDINGS:
+        if n.op != "call_function":
+            continue
+        if n.target in BINDINGS:
             n.target = BINDINGS[n.target]
+        elif (
+            isinstance(n.target, torch._ops.OpOverload)
+            and n.target.namespace in _BELOW_AUTOGRAD_NAMESPACES
+        ):
+            n.meta["cpfx_op"] = n.target  # error messages name the collective (`op_of`)
+            n.target = below_autograd(n.target)
     return fx.GraphModule(gm, graph)
+
+
+def op_of(n: fx.Node) -> Any:
+    """The op a node of a `fast_module` graph stands for (its target, for any other graph)."""
+    return n.meta.get("cpfx_op", n.target)

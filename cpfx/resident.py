@@ -17,7 +17,6 @@ returned value never holds a `TokenShards`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -117,17 +116,8 @@ class TokenShards(torch.Tensor):
 
 
 def materialize(tree: Any) -> Any:
-    """`tree` with every `TokenShards` replaced by its global value (pytree containers, and
-    mappings such as diffusers' output classes, updated in place)."""
-    if isinstance(tree, Mapping) and not isinstance(tree, dict) or type(tree).__name__.endswith(
-        "Output"
-    ):
-        for k in list(tree.keys()):
-            v = tree[k]
-            new = materialize(v)
-            if new is not v:
-                tree[k] = new
-        return tree
+    """`tree` with every `TokenShards` replaced by its global value (pytree containers: tuples,
+    lists, dicts, and diffusers' output classes, which register themselves)."""
     return pytree.tree_map_only(TokenShards, TokenShards.full, tree)
 
 

@@ -51,6 +51,7 @@ from cpfx.errors import (
     RecompileLimitError,
     UnsupportedPatternError,
 )
+from cpfx.fastcall import op_of
 
 log = logging.getLogger(__name__)
 
@@ -844,13 +845,13 @@ def _failing_node(e: BaseException) -> fx.Node | None:
 
 
 def _is_comm_node(n: fx.Node) -> bool:
-    name = str(n.target)
+    name = str(op_of(n))
     return "_c10d_functional" in name or "ring_send_recv" in name or "c10d" in name
 
 
 def _collective_of(n: fx.Node) -> fx.Node:
     """The collective a wait node waits for (the node itself otherwise)."""
-    if "wait_tensor" in str(n.target) and n.args and isinstance(n.args[0], fx.Node):
+    if "wait_tensor" in str(op_of(n)) and n.args and isinstance(n.args[0], fx.Node):
         return n.args[0]
     return n
 
@@ -858,7 +859,7 @@ def _collective_of(n: fx.Node) -> fx.Node:
 def _describe_node(n: fx.Node) -> str:
     """`all_to_all_single(q), group '0' (ranks [0, 1]), in transformer_blocks.0.attn,
     transformer_flux.py:123: out = ...`"""
-    kind = str(n.target).replace("_c10d_functional.", "").replace(".default", "")
+    kind = str(op_of(n)).replace("_c10d_functional.", "").replace(".default", "")
     group = next((a for a in n.args if isinstance(a, str)), "")
     role = n.meta.get("cpfx_role", "")
     parts = [f"{kind}({role})" if role else kind]

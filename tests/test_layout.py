@@ -150,3 +150,12 @@ def test_factor_refuses_what_no_middle_dim_sharding_gives():
 def test_describe_names_each_ranks_ranges():
     lay = Layout.make(6, [[(4, 2), (0, 1)], [(1, 3)]])
     assert lay.describe() == "6: r0 4+2,0+1 | r1 1+3"
+
+
+@pytest.mark.parametrize("size, world", CASES)
+def test_resident_op_arguments_round_trip(size, world):
+    """`cpfx::resident` carries a layout as ints; every layout comes back as it was."""
+    from cpfx.resident import flatten_layout, unflatten_layout
+
+    for lay in layouts(size, world):
+        assert unflatten_layout(size, flatten_layout(lay)) == lay

@@ -168,3 +168,64 @@ def test_regional_shards_between_blocks_stay_exact(pools, graph_break):
             assert res["last_call"].get("passed_in", 0) == 0, res
         else:  # the hook runs in block 1's graph: shards go 0 -> 1 -> 2 -> 3; the epilogue gathers
             assert res["last_call"] == {"passed_in": 3, "gathered": 1}, res
+
+
+class _Joint(torch.nn.Module):
+    """Joint attention over (context, x); only every other block updates the context stream, the
+    others hand it back as they got it (a shard in, the same shard out)."""
+
+    def __init__(self, dim: int, touch_ctx: bool) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.touch_ctx = touch_ctx
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        j = torch.cat([ctx, x], 1)
+        b, s, d = j.shape
+        q, k, v = self.qkv(j).view(b, s, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        o = self.out(o.transpose(1, 2).reshape(b, s, d))
+        x = x + o[:, ctx.shape[1] :]
+        if self.touch_ctx:
+            ctx = ctx + o[:, : ctx.shape[1]]
+        return x, ctx
+
+
+class _JointStack(torch.nn.Module):
+    _repeated_blocks = ("_Joint",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Joint(16, i % 2 == 0) for i in range(4))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for blk in self.blocks:
+            x, ctx = blk(x, ctx)
+        return x, ctx  # straight from the last block: the model must not return shards
+
+
+def joint_passthrough() -> dict[str, Any]:
+    import cpfx
+
+    fresh()
+    torch.manual_seed(0)
+    m = _JointStack().eval()
+    x, ctx = torch.randn(2, 17, 16), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        ref = m(x, ctx)
+        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=True))
+        diffs, kinds = [], set()
+        for _ in range(4):
+            cpfx.counters["resident"].clear()
+            out = m(x, ctx)
+            kinds |= {type(t).__name__ for t in out}
+            diffs.append(max((a - b).abs().max().item() for a, b in zip(out, ref)))
+    return {"max_abs": max(diffs), "kinds": sorted(kinds), "last": dict(cpfx.counters["resident"])}
+
+
+@pytest.mark.ranks
+def test_regional_block_handing_a_shard_back_unchanged(pools):
+    for res in pools(3).run(joint_passthrough):
+        assert res["max_abs"] <= 1e-5 and res["kinds"] == ["Tensor"], res
+        assert res["last"]["passed_in"] == 6, res  # x and ctx into blocks 1, 2, 3

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from torch._dynamo.exc import BackendCompilerFailed
 
+from cpfx import resident
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.errors import ConfigError, CpfxError
@@ -106,8 +107,6 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
 def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """One block call: token shards in its arguments go in as shards (`cpfx.resident`); its
     outputs stay shards only within a model call, and once its graph is known to run alone."""
-    from cpfx import resident
-
     st = resident.state
     if st.in_model == 0:  # the block called on its own: whole tensors in and out
         return resident.materialize(
@@ -132,8 +131,6 @@ def _call_block(
     block: nn.Module, specs: tuple[Any, ...], shards: tuple[Any, ...], *args: Any, **kwargs: Any
 ) -> Any:
     if specs:
-        from cpfx import resident
-
         args, kwargs = resident.fill(specs, shards, args, kwargs)
     return block._call_impl(*args, **kwargs)
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from cpfx import capture
+from cpfx import capture, resident
 from cpfx.config import ParallelConfig
 from cpfx.context import PassContext
 from cpfx.debug import env_dump_dir
@@ -177,8 +177,6 @@ class GraphRunner:
         out = self.fn(*args)
         if not self.ctx.config.regional:
             return out
-        from cpfx import resident
-
         if resident.state.block is not None:  # every graph of the block call counts
             resident.state.block.append(self)
         if not self.resident_outputs:

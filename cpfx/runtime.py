@@ -40,7 +40,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
-from cpfx import rankcheck
+from cpfx import rankcheck, resident
 from cpfx.config import ParallelConfig
 from cpfx.errors import (
     CommunicationError,
@@ -326,8 +326,6 @@ class Runtime:
             elif grad_problem:
                 raise CpfxError(grad_problem)
             n_graphs = len(self.graphs)
-            from cpfx import resident
-
             resident.state.in_model += 1
             try:
                 out, report = self._run(fn, args, kwargs, sig if first else None)

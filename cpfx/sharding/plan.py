@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from cpfx.errors import CpfxError, UnsupportedPatternError
 from cpfx.graph_utils import val, where
+from cpfx.resident import RESIDENT, unflatten_layout
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
 from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard
@@ -251,7 +252,6 @@ def propagate(
 ) -> ShardPlan:
     """Place every node, in graph order (see the module doc). `sharded_outputs`: graph outputs
     keep their token sharding (`cpfx.resident`) instead of being gathered."""
-    from cpfx.resident import RESIDENT, unflatten_layout
     plan = ShardPlan({}, seeds, rank, world)
     nodes = plan.nodes
 

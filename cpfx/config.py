@@ -76,7 +76,9 @@ class ParallelConfig:
     max_recompiles: int = 8
     """Dynamo's recompile limit for this model's compiled region (per frame: the model's forward
     and each resume function after a graph break); each parallelized model has its own region.
-    Past it cpfx raises `RecompileLimitError` with Dynamo's reason instead of running eagerly."""
+    Past it cpfx raises `RecompileLimitError` with Dynamo's reason instead of running eagerly.
+    With `regional=True` each block class is a region and may hold 4 graphs per input signature
+    (whole inputs, token shards of each layout it is handed): its limit is 4x this."""
 
     strict: bool = False
     """Attention that runs outside cpfx's graphs (graph breaks, `torch.compiler.disable`,

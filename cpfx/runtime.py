@@ -55,6 +55,8 @@ from cpfx.fastcall import op_of
 
 log = logging.getLogger(__name__)
 
+REGIONAL_VARIANTS = 4
+"""Graphs a regional block class may need per input signature (see `Runtime.recompile_limit`)."""
 SLOTS = 16
 """Inputs with their own slot in the per-call header (later ones share the last slot)."""
 SMALL = 4096
@@ -354,7 +356,7 @@ class Runtime:
         report = AttentionReport(_sig_text(sig), self.calls) if sig is not None else None
         try:
             with _recompile_limit_is_an_error(
-                self.config.max_recompiles if self.patch_limit else None
+                self.recompile_limit if self.patch_limit else None
             ):
                 if report is None:
                     out = fn(*args, **kwargs)
@@ -488,13 +490,23 @@ class Runtime:
             return problem
         return None
 
+    @property
+    def recompile_limit(self) -> int:
+        """Dynamo's limit for each of this model's compiled regions: `max_recompiles` graphs, or
+        for a regional block class `max_recompiles` input signatures of `REGIONAL_VARIANTS`
+        graphs each (whole inputs, and each layout of the token shards it is handed)."""
+        per = REGIONAL_VARIANTS if self.config.regional else 1
+        return self.config.max_recompiles * per
+
     def _recompile_error(self) -> RecompileLimitError:
         reason = self.pending_reasons[0] if self.pending_reasons else "(Dynamo gave no reason)"
         self.pending_reasons.clear()
         hint = _recompile_hint(reason)
         return RecompileLimitError(
             f"cpfx: {self.model_name} needs more than max_recompiles={self.config.max_recompiles} "
-            f"compiled variants (Dynamo's recompile limit for this model); Dynamo would now run it "
+            f"compiled variants (Dynamo's recompile limit for this model"
+            f"{'; x' + str(REGIONAL_VARIANTS) + ' graphs per block class with regional=True' if self.config.regional else ''}"
+            f"); Dynamo would now run it "
             f"eagerly, without context parallelism, on every rank. What changed since the last "
             f"compiled variant: {reason}. {hint} If the variants are intended, raise "
             f"ParallelConfig(max_recompiles=...)."
@@ -937,7 +949,7 @@ def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..
     else:
         kw["dynamic"] = False
     if "recompile_limit" in params:
-        kw["recompile_limit"] = runtime.config.max_recompiles
+        kw["recompile_limit"] = runtime.recompile_limit
     else:
         runtime.patch_limit = True
     if "isolate_recompiles" in params:

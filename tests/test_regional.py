@@ -229,3 +229,27 @@ def test_regional_block_handing_a_shard_back_unchanged(pools):
     for res in pools(3).run(joint_passthrough):
         assert res["max_abs"] <= 1e-5 and res["kinds"] == ["Tensor"], res
         assert res["last"]["passed_in"] == 6, res  # x and ctx into blocks 1, 2, 3
+
+
+def regional_sizes(sizes: list[int]) -> dict[str, Any]:
+    """One regional model at several resolutions, each twice."""
+    import cpfx
+
+    fresh()
+    m, _ = build("flux", layers=2, single=2)
+    cases = []
+    with torch.no_grad():
+        for n in sizes:
+            kw = build("flux", img=n, layers=2, single=2)[1]
+            cases.append((kw, m(**kw)[0]))
+        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=True))
+        diffs = [(m(**kw)[0] - ref).abs().max().item() for kw, ref in cases + cases]
+    return {"max_abs": max(diffs), "graphs": len(m._cpfx.graphs)}
+
+
+@pytest.mark.ranks
+def test_regional_many_resolutions_within_the_recompile_limit(pools):
+    """Each resolution compiles a block class's variants (whole inputs, each shard layout): six
+    resolutions need more graphs than max_recompiles=8, within the regional limit (4x)."""
+    for res in pools(2).run(regional_sizes, sizes=[16, 24, 32, 40, 48, 64]):
+        assert res["max_abs"] <= 1e-5 and res["graphs"] > 8 * 2, res

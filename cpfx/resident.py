@@ -145,6 +145,8 @@ def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any,
             specs.append((key, x.shard_dim, lay.size, tuple(flatten_layout(lay)), x.shard_group))
             shards.append(x.shard)
             return None
+        if isinstance(x, (list, tuple, dict)):  # shards inside containers go in whole
+            return materialize(x)
         return x
 
     new_args = tuple(take(i, a) for i, a in enumerate(args))

@@ -80,7 +80,7 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
     by every instance (parameters are graph inputs, so the instances reuse one graph)."""
     from cpfx.runtime import compile_call
 
-    names = tuple(getattr(model, "_repeated_blocks", None) or ())
+    names = tuple(getattr(model, "_repeated_blocks", None) or ()) or _inferred_blocks(model)
     per_class: dict[type, Any] = {}
     for m in model.modules():
         if type(m).__name__ not in names:
@@ -91,8 +91,9 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
     if not per_class:
         raise ConfigError(
             f"cpfx: ParallelConfig(regional=True) compiles the blocks a model lists in "
-            f"`_repeated_blocks`; {type(model).__name__} lists "
-            f"{list(names) if names else 'none'}"
+            f"`_repeated_blocks` (or, without that list, the repeated items of its ModuleLists "
+            f"that hold attention); {type(model).__name__} lists "
+            f"{list(names) if names else 'none and has no such ModuleList'}"
             + (" and has no module of those classes" if names else "")
             + ". Set the class attribute `_repeated_blocks` to the block class names, or use "
             "regional=False (the whole model as one graph)."
@@ -102,6 +103,28 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
         type(model).__name__,
         ", ".join(sorted(c.__name__ for c in per_class)),
     )
+
+
+def _inferred_blocks(model: nn.Module) -> tuple[str, ...]:
+    """For a model that lists no `_repeated_blocks`: the classes of the items of its
+    `nn.ModuleList`s whose items are all of one class and hold an attention module (a tiny
+    config may have a single block per list)."""
+    found: list[str] = []
+    for m in model.modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        kinds = {type(b) for b in m}
+        if len(kinds) != 1:
+            continue
+        first = m[0]
+        if any("Attention" in type(sub).__name__ for sub in first.modules()):
+            name = type(first).__name__
+            if name not in found:
+                found.append(name)
+    if found:
+        log.info("cpfx: %s lists no _repeated_blocks; regional blocks inferred: %s",
+                 type(model).__name__, ", ".join(found))
+    return tuple(found)
 
 
 def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -53,6 +53,19 @@ def test_regional_needs_repeated_blocks():
             cpfx.parallelize(Plain(), None, cpfx.ParallelConfig(regional=True))
 
 
+@pytest.mark.graph
+def test_blocks_inferred_without_repeated_blocks():
+    """CogVideoX lists no `_repeated_blocks`: its ModuleList of attention blocks stands in (what
+    Flux lists is found the same way)."""
+    from cpfx.api import _inferred_blocks
+
+    m, _ = build("cogvideox")
+    assert not getattr(m, "_repeated_blocks", None)
+    assert _inferred_blocks(m) == ("CogVideoXBlock",)
+    flux, _ = build("flux")
+    assert _inferred_blocks(flux) == tuple(flux._repeated_blocks)
+
+
 # --- the task every rank of the pool runs -----------------------------------------------------
 
 

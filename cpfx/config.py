@@ -99,7 +99,8 @@ class ParallelConfig:
 
     regional: bool = False
     """Compile each repeated block class once (the classes a diffusers model lists in
-    `_repeated_blocks`, as `compile_repeated_blocks()` does) instead of the whole model: the first
+    `_repeated_blocks`, as `compile_repeated_blocks()` does; without that list, the classes of
+    its ModuleLists' items that hold attention) instead of the whole model: the first
     call of a 57-block model costs about what a 2-block one does, and a new resolution recompiles
     a few small graphs (per class: one for whole inputs, one per layout of the token shards it is
     handed). Between blocks the hidden states stay sharded (`cpfx.resident.TokenShards`): the

@@ -14,6 +14,7 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -103,14 +104,22 @@ class Pool:
         self.submit(fn, **kwargs)
         out: list[Any] = [None] * self.world
         errors = []
+        deadline = time.monotonic() + timeout
         for _ in range(self.world):
-            try:
-                rank, ok, val = self.results.get(timeout=timeout)
-            except queue.Empty:
-                self.close(kill=True)
-                raise TimeoutError(
-                    f"{task_name(fn)} did not finish on every rank within {timeout}s"
-                ) from None
+            while True:
+                try:
+                    rank, ok, val = self.results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+                    if dead or time.monotonic() > deadline:
+                        self.close(kill=True)
+                        what = (
+                            f"rank process(es) died (rank, exit code): {dead}"
+                            if dead
+                            else f"did not finish on every rank within {timeout}s"
+                        )
+                        raise TimeoutError(f"{task_name(fn)}: {what}") from None
             if ok:
                 out[rank] = val
             else:

@@ -171,11 +171,11 @@ def test_hook_added_after_the_first_call_is_compiled_in():
     """Dynamo skips guards on module hooks by default; cpfx's calls guard them, so a hook added
     later recompiles instead of being ignored."""
     torch._dynamo.reset()
-    m, kw = build("flux")
+    m, kw = build("flux_block")
     with fake_world(2), torch.no_grad():
         cpfx.parallelize(m, _mesh(), cpfx.ParallelConfig(check_collectives=False))
         m(**kw)
-        m.proj_out.register_forward_hook(lambda mod, args, out: out * 2)
+        m.block.ff.register_forward_hook(lambda mod, args, out: out * 2)
         m(**kw)
     assert len(m._cpfx.graphs) == 2, m._cpfx.recompile_reasons
     assert "_forward_hooks" in m._cpfx.recompile_reasons[-1]

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,28 @@ def write_json(path: str | os.PathLike[str] | None, obj: Any) -> None:
         return
     Path(path).write_text(json.dumps(obj, indent=1, default=str))
     print("wrote", path)
+
+
+def medians_in_turns(
+    calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 0
+) -> dict[str, float]:
+    """On every rank of the default process group: call each of `calls` in turns (A B C, then
+    C B A, ...), each call's time the slowest rank's (ranks start together after a barrier);
+    the median seconds per name over `repeats` rounds after `warmup` untimed ones."""
+    import statistics
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + repeats):
+        for name in list(calls) if i % 2 == 0 else list(reversed(calls)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            calls[name]()
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            if i >= warmup:
+                times[name].append(dt.item())
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import functools
 
 import torch
-from _common import parser, write_json
+from _common import medians_in_turns, parser, write_json
 
 from cpfx.testing.launch import spawn_ranks
 
@@ -80,7 +79,6 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
             torch.cuda.synchronize()
         return out
 
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         errs = {}
         for name, m in models.items():
@@ -88,23 +86,13 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
             errs[name] = (out[0].float().cpu() - ref).abs().max().item()
         if cpfx.counters["lower_attention"]["ulysses"] != len(models):
             raise RuntimeError(f"expected one rewritten attention per copy: {dict(cpfx.counters)}")
-        for i in range(args.warmup + args.repeats):
-            order = list(models) if i % 2 == 0 else list(reversed(models))
-            for name in order:
-                dist.barrier()
-                t0 = time.perf_counter()
-                call(models[name])
-                dt = torch.tensor([time.perf_counter() - t0])
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if i >= args.warmup:
-                    times[name].append(dt.item())
-    if rank == 0:
-        q.put(
-            {
-                "max_abs_vs_single": errs,
-                "median_s": {k: statistics.median(v) for k, v in times.items()},
-            }
+        median_s = medians_in_turns(
+            {name: functools.partial(call, m) for name, m in models.items()},
+            args.repeats,
+            args.warmup,
         )
+    if rank == 0:
+        q.put({"max_abs_vs_single": errs, "median_s": median_s})
     dist.destroy_process_group()
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import functools
 
 import torch
-from _common import parser, write_json
+from _common import medians_in_turns, parser, write_json
 
 from cpfx.testing.launch import spawn_ranks
 
@@ -62,22 +61,15 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
         gathered["on"] = name == "regional_gathered"
         return models[name](**inputs)[0]
 
-    times: dict[str, list[float]] = {k: [] for k in models}
     errs = {}
     with torch.no_grad():
         for name in models:
             for _ in range(3):  # compile, then let the block graphs keep their shards
                 out = call(name)
             errs[name] = (out - ref).abs().max().item()
-        for i in range(args.repeats):
-            order = list(models) if i % 2 == 0 else list(reversed(models))
-            for name in order:
-                dist.barrier()
-                t0 = time.perf_counter()
-                call(name)
-                dt = torch.tensor([time.perf_counter() - t0])
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                times[name].append(dt.item())
+        median_s = medians_in_turns(
+            {name: functools.partial(call, name) for name in models}, args.repeats
+        )
         cpfx.reset_counters()
         call("regional")
         per_call = dict(cpfx.counters["resident"])
@@ -85,7 +77,7 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
         q.put(
             {
                 "max_abs_vs_single": errs,
-                "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+                "median_ms": {k: v * 1e3 for k, v in median_s.items()},
                 "regional_per_call": per_call,
             }
         )

@@ -21,4 +21,3 @@ class PassContext:
     training: bool = False
     """The graph will be differentiated (`cpfx.training`): the applier marks the edges whose
     gradient needs a different collective than the forward's ops would give."""
-

@@ -9,10 +9,10 @@ shards, many ops) that difference is most of the rank graph's extra host time.
 `fast_module(gm)` returns a copy of the graph whose calls of the overloads listed in `BINDINGS`
 go to those bindings instead: the same positional and keyword arguments, the same kernel (each
 entry is checked against its overload, value, dtype, shape and strides, in
-tests/test_fastcall.py). Every other node is left as it is (`aten.split.Tensor`, for one: FX would
-name its binding `torch.split`, a Python wrapper with other arguments), except that collectives
-and cpfx's own ops are called past their Python autograd kernels (`below_autograd`). The original graph is not changed
-(explain, dumps, the verifier and inductor read it).
+tests/test_fastcall.py). Collectives and cpfx's own ops are called past their Python autograd
+kernels (`below_autograd`). Every other node is left as it is (`aten.split.Tensor`, for one: FX
+would name its binding `torch.split`, a Python wrapper with other arguments). The original graph
+is not changed (explain, dumps, the verifier and inductor read it).
 """
 
 from __future__ import annotations

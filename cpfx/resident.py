@@ -172,8 +172,10 @@ def wrap_outputs(out: Any, layouts: dict[int, tuple[int, Layout]], group: str, k
     `TokenShards`, gathered at once unless `keep`."""
     seq = list(out)
     for i, (dim, layout) in layouts.items():
-        # Contiguous: the next block's graph is compiled for (and Dynamo guards) its strides,
-        # and a block may return views of one joint tensor.
-        t = TokenShards(seq[i].contiguous(), dim, layout, group)
-        seq[i] = t if keep else t.full()
+        if keep:
+            # Contiguous: the next block's graph is compiled for (and Dynamo guards) its strides,
+            # and a block may return views of one joint tensor.
+            seq[i] = TokenShards(seq[i].contiguous(), dim, layout, group)
+        else:
+            seq[i] = TokenShards(seq[i], dim, layout, group).full()
     return type(out)(seq) if isinstance(out, tuple) else seq

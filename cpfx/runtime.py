@@ -6,7 +6,7 @@ their collectives):
 
 1. a group that failed in an earlier call is reported again (`CommunicationError`);
 2. grad mode with parameters or inputs that require grad is refused (`CpfxError`) where
-   gradients are not exact (`cpfx.training.refuse_unsupported`: ring meshes, fp8, inductor);
+   gradients are not exact (`cpfx.training.refuse_unsupported`: fp8 payloads);
 3. the cross-rank input check (`check_inputs`): one all-gather of a fixed-size int64 header
    (model, call number, input shapes/dtypes/values, and on the first call of a signature a hash
    of the input bytes) over cpfx's gloo group; any difference raises `RankDivergenceError` on every
@@ -502,11 +502,15 @@ class Runtime:
         reason = self.pending_reasons[0] if self.pending_reasons else "(Dynamo gave no reason)"
         self.pending_reasons.clear()
         hint = _recompile_hint(reason)
+        per_class = (
+            f"; x{REGIONAL_VARIANTS} graphs per block class with regional=True"
+            if self.config.regional
+            else ""
+        )
         return RecompileLimitError(
             f"cpfx: {self.model_name} needs more than max_recompiles={self.config.max_recompiles} "
-            f"compiled variants (Dynamo's recompile limit for this model"
-            f"{'; x' + str(REGIONAL_VARIANTS) + ' graphs per block class with regional=True' if self.config.regional else ''}"
-            f"); Dynamo would now run it "
+            f"compiled variants (Dynamo's recompile limit for this model{per_class}); Dynamo would "
+            f"now run it "
             f"eagerly, without context parallelism, on every rank. What changed since the last "
             f"compiled variant: {reason}. {hint} If the variants are intended, raise "
             f"ParallelConfig(max_recompiles=...)."
@@ -793,17 +797,20 @@ def _limit_patch(limit: int | None) -> tuple[tuple[str, Any], ...]:
 
 class _recompile_limit_is_an_error:
     """Within a call: Dynamo raises at its recompile limit instead of running eagerly (and, on a
-    torch without per-compile limits, uses `limit` as the global one), and guards module hooks. Settings that already
-    have the value are left alone (this runs on every call)."""
+    torch without per-compile limits, uses `limit` as the global one), and guards module hooks.
+    Settings that already have the value are left alone (this runs on every call)."""
 
     def __init__(self, limit: int | None) -> None:
         self.patch = _limit_patch(limit)
 
     def __enter__(self) -> None:
         cfg = torch._dynamo.config
-        self.old = [(k, old) for k, v in self.patch if (old := getattr(cfg, k)) != v]
-        for k, _ in self.old:
-            setattr(cfg, k, dict(self.patch)[k])
+        self.old: list[tuple[str, Any]] = []
+        for k, v in self.patch:
+            old = getattr(cfg, k)
+            if old != v:
+                self.old.append((k, old))
+                setattr(cfg, k, v)
 
     def __exit__(self, *exc: object) -> None:
         for k, v in self.old:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from torch._dynamo.exc import BackendCompilerFailed
 
-from cpfx import resident
+from cpfx import dynamic, resident
 from cpfx.backend import backend
 from cpfx.config import ParallelConfig
 from cpfx.errors import ConfigError, CpfxError
@@ -136,6 +136,8 @@ def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> A
             compiled(block, (), (), *resident.materialize(args), **resident.materialize(kwargs))
         )
     specs, shards, (args, kwargs) = resident.block_args(args, kwargs)
+    if st.mark_sizes:
+        dynamic.mark_sizes((shards, args, kwargs))
     outer, st.block = st.block, []
     try:
         out = compiled(block, specs, shards, *args, **kwargs)

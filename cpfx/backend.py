@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from cpfx import capture, resident
+from cpfx import capture, dynamic, resident
 from cpfx.config import ParallelConfig
 from cpfx.context import PassContext
 from cpfx.debug import env_dump_dir
@@ -55,24 +55,77 @@ class CpfxBackend:
         self.mesh_info: MeshInfo = mesh_info(mesh, config)
         self.graphs: list[fx.GraphModule] = []
         self._ids = itertools.count()
+        self.last_variants: dynamic.ShapeVariants | dynamic.PerSizeTrace | None = None
+        """The size variants of the graph compiled last (None when it was captured static)."""
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         graph_id = next(self._ids)
+        self.last_variants = None
         if self.mesh_info.world == 1:
             return gm.forward
         names = [_input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        symbolic = dynamic.is_symbolic(
+            [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        )
         if _records_autograd(example_inputs):
+            if symbolic:
+                return self._per_size(gm, example_inputs, names, training=True)
             return self._compile_training(gm, example_inputs, graph_id, names)
         runners: list[GraphRunner] = []
+        tracing = [True]
 
-        def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> GraphRunner:
-            runners.append(self.compile_aten(aten_gm, inputs, graph_id, names))
-            return runners[-1]
+        def compile_variant(aten_gm: fx.GraphModule, inputs: tuple[Any, ...]) -> GraphRunner:
+            gid = graph_id if not runners else next(self._ids)
+            runner = self.compile_aten(aten_gm, list(inputs), gid, names)
+            runners.append(runner)
+            if not tracing[0]:
+                runner.finish()
+            return runner
 
-        compiled = capture.functionalize(gm, example_inputs, compile_fn)
+        def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> Any:
+            if not dynamic.is_symbolic(inputs):
+                return compile_variant(aten_gm, tuple(inputs))
+            variants = dynamic.ShapeVariants(aten_gm, inputs, compile_variant)
+            hints = variants.hint_fakes()
+            variants.variant(hints, hints)
+            self.last_variants = variants
+            return variants
+
+        try:
+            compiled = capture.functionalize(gm, example_inputs, compile_fn)
+        except dynamic.NotSpecializable as e:
+            log.info("cpfx: graph %d: %s; it is re-traced for each new set of sizes", graph_id, e)
+            return self._per_size(gm, example_inputs, names, training=False)
+        tracing[0] = False
         for r in runners:  # inductor runs here, outside the trace's composite-op override
             r.finish()
         return compiled
+
+    def _per_size(
+        self, gm: fx.GraphModule, example_inputs: list[Any], names: list[str], training: bool
+    ) -> Callable[..., Any]:
+        """A symbolically captured graph that is functionalized again for each set of sizes."""
+
+        def compile_static(fakes: tuple[Any, ...]) -> Callable[..., Any]:
+            graph_id = next(self._ids)
+            if training:
+                return self._compile_training(gm, list(fakes), graph_id, names)
+            runners: list[GraphRunner] = []
+
+            def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> GraphRunner:
+                runners.append(self.compile_aten(aten_gm, inputs, graph_id, names))
+                return runners[-1]
+
+            compiled = capture.functionalize(gm, list(fakes), compile_fn)
+            for r in runners:
+                r.finish()
+            return compiled
+
+        fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        variants = dynamic.PerSizeTrace(fakes, compile_static)
+        variants.variant([dynamic.hint(x) for x in example_inputs])
+        self.last_variants = variants
+        return variants
 
     def _compile_training(
         self, gm: fx.GraphModule, example_inputs: list[Any], graph_id: int, names: list[str]
@@ -117,7 +170,11 @@ class CpfxBackend:
         if input_names and len(input_names) == len(inputs):  # AOTAutograd keeps the inputs' order
             for n, name in zip(inputs, input_names):
                 n.meta["cpfx_input"] = name
-        fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+        fake_mode = (
+            dynamic.fake_mode_of(example_inputs)
+            or detect_fake_mode(example_inputs)
+            or FakeTensorMode(allow_non_fake_inputs=True)
+        )
         fake = tuple(
             fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not _is_fake(x) else x
             for x in example_inputs

@@ -111,12 +111,22 @@ class ParallelConfig:
     as any attention outside cpfx's graphs). Default off: the whole-model graph keeps the
     sequence sharded from the first token-wise op to the output."""
 
+    dynamic: bool = False
+    """Capture sizes symbolically, so that a new resolution (token length, frames, batch) costs a
+    small fraction of a first call: Dynamo traces with the input dims marked dynamic
+    (`torch._dynamo.maybe_mark_dynamic`; dims that meet weights specialize), AOTAutograd
+    functionalizes once, and for each new set of sizes cpfx evaluates the traced size
+    expressions and plans a static graph (`cpfx.dynamic`). The first call costs more (symbolic
+    tracing: about 2x with `regional=True`). Default off: every size static, so a new resolution
+    is a full recompile. Results are the same either way."""
+
     def __post_init__(self) -> None:
         _choice(self, "ring_rotate", ("allgather", "p2p"))
         _choice(self, "head_padding", ("auto", "pad", "uneven"))
         _choice(self, "qkv_all_to_all", ("auto", "one", "three"))
         for name in (
-            "fp8_comm", "async_qkv", "compile", "check_collectives", "strict", "verify", "regional"
+            "fp8_comm", "async_qkv", "compile", "check_collectives", "strict", "verify", "regional",
+            "dynamic",
         ):
             if type(getattr(self, name)) is not bool:
                 raise ConfigError(

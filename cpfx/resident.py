@@ -127,14 +127,19 @@ class _State(threading.local):
         """Depth of parallelized-model calls on this thread (shards stay resident only inside)."""
         self.block: list[Any] | None = None
         """The graph runners of the block call in progress."""
+        self.mark_sizes = False
+        """Mark the size dims of block inputs for Dynamo (`cpfx.dynamic.mark_sizes`)."""
 
 
 state = _State()
 
 
 def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Split a block call's arguments: (resident specs, shards, args and kwargs with each
-    `TokenShards` left as None). A spec is (position or keyword, dim, size, flat layout, group)."""
+    """Split a block call's arguments: (resident specs, tensors, args and kwargs with each
+    `TokenShards` left as None). A spec is (position or keyword, dim, group); its tensors are the
+    shard and a carrier of no elements whose sizes are the global size and the flat layout (sizes,
+    not ints, so that a capture with symbolic sizes keeps them symbolic: a new resolution gives
+    new values, not a guard failure)."""
     specs: list[tuple[Any, ...]] = []
     shards: list[torch.Tensor] = []
 
@@ -142,8 +147,9 @@ def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any,
         if isinstance(x, TokenShards):
             counters["resident"]["passed_in"] += 1
             lay = x.shard_layout
-            specs.append((key, x.shard_dim, lay.size, tuple(flatten_layout(lay)), x.shard_group))
+            specs.append((key, x.shard_dim, x.shard_group))
             shards.append(x.shard)
+            shards.append(x.shard.new_empty((lay.size, *flatten_layout(lay), 0)))
             return None
         if isinstance(x, (list, tuple, dict)):  # shards inside containers go in whole
             return materialize(x)
@@ -158,8 +164,10 @@ def fill(specs: tuple[Any, ...], shards: tuple[torch.Tensor, ...], args: tuple[A
          kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Inside the compiled block: put `cpfx::resident` of each shard where its argument was."""
     a = list(args)
-    for (key, dim, size, flat, group), local in zip(specs, shards):
-        x = RESIDENT(local, dim, size, list(flat), group)
+    for i, (key, dim, group) in enumerate(specs):
+        local, carrier = shards[2 * i], shards[2 * i + 1]
+        size, *flat = carrier.shape[:-1]
+        x = RESIDENT(local, dim, size, flat, group)
         if isinstance(key, int):
             a[key] = x
         else:

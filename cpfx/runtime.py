@@ -21,6 +21,7 @@ their collectives):
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
-from cpfx import rankcheck, resident
+from cpfx import dynamic, rankcheck, resident
 from cpfx.config import ParallelConfig
 from cpfx.errors import (
     CommunicationError,
@@ -200,6 +201,8 @@ class Runtime:
         self.pending_reasons: list[str] = []
         self.recompile_reasons: list[str] = []
         self.seen: set[Any] = set()
+        self.sig_calls: dict[Any, int] = {}
+        """Calls per input signature (the first few mark size dims for Dynamo)."""
         self.reports: collections.deque[AttentionReport] = collections.deque(maxlen=32)
         """The observed calls (first of each input signature, and the one after a recompile)."""
         self.calls = 0
@@ -235,8 +238,25 @@ class Runtime:
         reason = self.pending_reasons[0] if self.pending_reasons else None
         self.pending_reasons.clear()
         captured = sum(1 for n in gm.graph.nodes if _is_sdpa(n))
-        fn = self._compile(gm, example_inputs)
-        out_gm = self.be.graphs[-1] if self.be.graphs else gm  # type: ignore[attr-defined]
+        with self._compiling():
+            fn = self.be(gm, example_inputs)
+        rec = self._record(captured, reason)
+        variants = self.be.last_variants  # type: ignore[attr-defined]
+        if variants is None:
+            return self._wrap_graph(fn, lambda: rec)
+        # Captured with symbolic sizes: one record per static variant (a new set of sizes
+        # compiles one at run time, like a recompile, without Dynamo tracing again).
+        recs = {id(variants.last or next(iter(variants.variants.values()))): rec}
+
+        def on_variant(v: Any) -> None:
+            recs[id(v)] = self._record(captured, "new sizes (static variant of a symbolic graph)")
+
+        variants.on_variant = on_variant
+        variants.guard = self._compiling
+        return self._wrap_graph(fn, lambda: recs.get(id(variants.last), rec))
+
+    def _record(self, captured: int, reason: str | None) -> GraphRecord:
+        out_gm = self.be.graphs[-1]  # type: ignore[attr-defined]
         parallel = int(out_gm.meta.get("cpfx_attention_parallel", 0))
         whole = list(out_gm.meta.get("cpfx_attention_whole", ()))
         rec = GraphRecord(
@@ -247,14 +267,15 @@ class Runtime:
         if reason:
             self.recompile_reasons.append(reason)
             log.info("cpfx: %s graph %d is a recompile: %s", self.model_name, rec.id, reason)
-        return self._wrap_graph(fn, rec)
+        return rec
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        """Run cpfx's backend; a rank that fails before the collective-schedule exchange tells
+    @contextlib.contextmanager
+    def _compiling(self) -> Iterator[None]:
+        """Around cpfx's backend: a rank that fails before the collective-schedule exchange tells
         the others (which wait in it), so every rank raises at once."""
         rankcheck.begin_compile()
         try:
-            return self.be(gm, example_inputs)
+            yield
         except BaseException:
             if self.config.check_collectives and self.info.check_group is not None:
                 try:
@@ -268,24 +289,30 @@ class Runtime:
                     log.warning("cpfx: could not tell the other ranks about the failure: %s", e)
             raise
 
-    def _wrap_graph(self, fn: Callable[..., Any], rec: GraphRecord) -> Callable[..., Any]:
+    def _wrap_graph(
+        self, fn: Callable[..., Any], record: Callable[[], GraphRecord]
+    ) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
             _tls.depth += 1
-            rec.runs += 1
-            obs = _tls.observer
-            if obs is not None:
-                obs.ran(rec)
+            rec: GraphRecord | None = None
             try:
-                return fn(*args)
+                out = fn(*args)
+                rec = record()
+                return out
             except CpfxError:
                 raise
             except Exception as e:  # noqa: BLE001 - collective failures become CommunicationError
-                comm = self._graph_comm_error(e, rec)
+                comm = self._graph_comm_error(e, rec or record())
                 if comm is None:
                     raise
                 raise comm from e
             finally:
                 _tls.depth -= 1
+                if rec is not None:
+                    rec.runs += 1
+                    obs = _tls.observer
+                    if obs is not None:
+                        obs.ran(rec)
 
         if getattr(fn, "_boxed_call", False):
             run._boxed_call = True  # type: ignore[attr-defined]
@@ -328,7 +355,11 @@ class Runtime:
             elif grad_problem:
                 raise CpfxError(grad_problem)
             n_graphs = len(self.graphs)
+            mark = self.config.dynamic and self._count(sig) <= dynamic.MARK_CALLS
+            if mark and not self.config.regional:
+                dynamic.mark_sizes((args, kwargs))
             resident.state.in_model += 1
+            outer_mark, resident.state.mark_sizes = resident.state.mark_sizes, mark
             try:
                 out, report = self._run(fn, args, kwargs, sig if first else None)
                 if self.config.regional:  # no token shard leaves the model
@@ -338,6 +369,7 @@ class Runtime:
                 raise
             finally:
                 resident.state.in_model -= 1
+                resident.state.mark_sizes = outer_mark
             if report is not None:
                 self._judge(report)
             if first:
@@ -345,6 +377,12 @@ class Runtime:
             elif len(self.graphs) > n_graphs:
                 self.seen.discard(sig)  # a recompile: observe the next call of this signature
             return out
+
+    def _count(self, sig: Any) -> int:
+        n = self.sig_calls.get(sig, 0) + 1
+        if n <= dynamic.MARK_CALLS + 1:
+            self.sig_calls[sig] = n
+        return n
 
     def _run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], sig: Any
@@ -949,7 +987,9 @@ def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..
     except (AttributeError, ValueError):
         params = set()
     kw: dict[str, Any] = {}
-    if "shapes_spec" in params:
+    if runtime.config.dynamic:
+        pass  # Dynamo's default: static, except the dims cpfx marks (`cpfx.dynamic.mark_sizes`)
+    elif "shapes_spec" in params:
         from torch.fx.experimental.dynamic_spec import ShapesSpec
 
         kw["shapes_spec"] = ShapesSpec()  # nothing declared dynamic: every shape and int static

@@ -7,7 +7,8 @@ placeholders), tiny Flux with FLUX.1's depth by default (19 double + 38 single b
 plain `torch.compile(backend="eager")` of the whole model; cpfx whole-model
 (`ParallelConfig(regional=False)`); cpfx regional. Columns: first call, a second resolution's
 first call, cpfx's pass time within them. Ratios are to the plain capture, measured in the same
-run. A 2+2-block model is timed too (the pass time should not grow with depth in regional mode).
+run; `regional-dynamic` is `ParallelConfig(regional=True, dynamic=True)` (sizes captured
+symbolically: a new resolution is a static variant, no new capture). A 2+2-block model is timed too (the pass time should not grow with depth in regional mode).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def measure(mode: str, layers: int, single: int, img: int, txt: int) -> dict[str
         else:
             mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ulysses",))
             cfg = cpfx.ParallelConfig(
-                regional=mode == "regional", check_collectives=False, check_inputs="never"
+                regional=mode.startswith("regional"),
+                dynamic=mode.endswith("dynamic"),
+                check_collectives=False,
+                check_inputs="never",
             )
             f = cpfx.parallelize(m, mesh, cfg)
         for key, k in (("first", kw), ("new_size", kw2)):
@@ -83,15 +87,15 @@ def main() -> None:
     _count_pass_time()
     rows = {}
     for depth in ((2, 2), (layers, single)):
-        for mode in ("dynamo", "whole", "regional"):
+        for mode in ("dynamo", "whole", "regional", "regional-dynamic"):
             r = measure(mode, *depth, a.img, a.txt)
             rows[f"{mode} {depth[0]}+{depth[1]}"] = r
-            print(f"{mode:9s} {depth[0]:3d}+{depth[1]:<3d} first {r['first_s']:6.1f} s "
+            print(f"{mode:16s} {depth[0]:3d}+{depth[1]:<3d} first {r['first_s']:6.1f} s "
                   f"(passes {r['first_passes_s']:5.2f})  new size {r['new_size_s']:6.1f} s "
                   f"(passes {r['new_size_passes_s']:5.2f})", flush=True)
     deep = f"{layers}+{single}"
     plain = rows[f"dynamo {deep}"]["first_s"]
-    for mode in ("whole", "regional"):
+    for mode in ("whole", "regional", "regional-dynamic"):
         r = rows[f"{mode} {deep}"]
         print(f"{mode}: first call / plain Dynamo = {r['first_s'] / plain:.2f}; new size / first "
               f"= {r['new_size_s'] / r['first_s']:.2f}; passes {deep} / 2+2 = "

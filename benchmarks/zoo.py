@@ -1,6 +1,6 @@
 """Sweep every diffusers transformer class (`cpfx.testing.zoo`) through cpfx on gloo ranks.
 
-    python benchmarks/zoo.py [--cases a,b] [--strategies ulysses2,ring2,ulysses3,regional3]
+    python benchmarks/zoo.py [--cases a,b] [--strategies ulysses2,ring2,ulysses3,regional3,dynamic2,dynamic3r]
                              [--json out.json] [--timeout S]
 
 For each case: the single-process reference (float32, eval, no_grad), plain
@@ -65,6 +65,9 @@ STRATEGIES: dict[str, Strategy] = {
     "ulysses3": Strategy(3, ("ulysses",)),
     # Three calls: a regional block graph keeps its token shards from its second run on.
     "regional3": Strategy(3, ("ulysses",), {"regional": True}, calls=3),
+    # Sizes captured symbolically; the graphs that run are static variants planned from them.
+    "dynamic2": Strategy(2, ("ulysses",), {"dynamic": True}),
+    "dynamic3r": Strategy(3, ("ulysses",), {"regional": True, "dynamic": True}, calls=3),
 }
 
 PRELOAD = [

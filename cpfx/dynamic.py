@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import sympy
+import sympy  # type: ignore[import-untyped]
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
@@ -72,7 +72,8 @@ def is_symbolic(inputs: list[Any]) -> bool:
 
 def _slots(fakes: list[Any]) -> tuple[list[tuple[int, int, bool]], list[int]]:
     """Where the symbols live: (input, dim, is_stride) of tensor inputs, and the int inputs."""
-    dims, ints = [], []
+    dims: list[tuple[int, int, bool]] = []
+    ints: list[int] = []
     for i, f in enumerate(fakes):
         if isinstance(f, torch.SymInt):
             ints.append(i)
@@ -84,6 +85,13 @@ def _slots(fakes: list[Any]) -> tuple[list[tuple[int, int, bool]], list[int]]:
                 if isinstance(s, torch.SymInt):
                     dims.append((i, d, True))
     return dims, ints
+
+
+def _key(dims: list[tuple[int, int, bool]], ints: list[int], args: Any) -> tuple[int, ...]:
+    """The sizes at the symbolic places of these arguments (what selects a variant)."""
+    k = [args[i].stride(d) if st else args[i].shape[d] for i, d, st in dims]
+    k += [int(args[i]) for i in ints]
+    return tuple(k)
 
 
 def bind(fakes: list[Any], args: list[Any]) -> dict[sympy.Symbol, int]:
@@ -240,9 +248,7 @@ class ShapeVariants:
         self._tls = threading.local()
 
     def key(self, args: Any) -> tuple[int, ...]:
-        k = [args[i].stride(d) if st else args[i].shape[d] for i, d, st in self.dims]
-        k += [int(args[i]) for i in self.ints]
-        return tuple(k)
+        return _key(self.dims, self.ints, args)
 
     def hint_fakes(self) -> tuple[Any, ...]:
         """Static fake inputs at the traced sizes (Dynamo traces with the current call's sizes as
@@ -336,7 +342,8 @@ class PerSizeTrace:
         """Context around compiling a variant at run time (the runtime's failure announcement)."""
         self._tls = threading.local()
 
-    key = ShapeVariants.key
+    def key(self, args: Any) -> tuple[int, ...]:
+        return _key(self.dims, self.ints, args)
 
     def variant(self, args: Any) -> Callable[..., Any]:
         k = self.key(args)

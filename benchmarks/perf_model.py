@@ -285,6 +285,7 @@ def host_floor(worlds, rounds=12, block=25):
         "rank_three_qkv": {"qkv_all_to_all": "three"},
         "rank_one_qkv": {"qkv_all_to_all": "one"},
         "rank_one_unchecked": {"qkv_all_to_all": "one", "check_inputs": "never"},
+        "rank_one_dynamic": {"qkv_all_to_all": "one", "dynamic": True},
     }
     res = {}
     for n in worlds:

@@ -3,10 +3,11 @@ every block, next to the whole-model graph, on real gloo ranks.
 
     python benchmarks/regional.py [--world 2] [--img 1024] [--blocks 4,4] [--repeats 9]
 
-Tiny Flux (`--blocks` double,single), float32, 1 thread per rank. Three copies of the model on
+Tiny Flux (`--blocks` double,single), float32, 1 thread per rank. Four copies of the model on
 every rank: `ParallelConfig(regional=False)`; `regional=True`; and `regional=True` with every
 block graph gathering its outputs (how regional blocks ran before their shards stayed resident:
-the runner is told never to keep them). Each is checked against the single process, warmed up
+the runner is told never to keep them); `regional=True, dynamic=True` (sizes captured
+symbolically, each graph a static variant). Each is checked against the single process, warmed up
 (a block graph keeps its shards from its second run on), then called in turns A B C C B A ...;
 a call's time is the slowest rank's. Medians of `--repeats` calls each.
 """
@@ -44,10 +45,15 @@ def _rank(rank: int, world: int, q, args: argparse.Namespace, ref) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ulysses",))
     model, inputs = build(args)
-    variants = {"whole": False, "regional": True, "regional_gathered": True}
+    variants = {
+        "whole": {},
+        "regional": {"regional": True},
+        "regional_gathered": {"regional": True},
+        "regional_dynamic": {"regional": True, "dynamic": True},
+    }
     models = {k: copy.deepcopy(model) for k in variants}
     for k, m in models.items():
-        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(regional=variants[k]))
+        cpfx.parallelize(m, mesh, cpfx.ParallelConfig(**variants[k]))
 
     wrap = resident.wrap_outputs
     gathered = {"on": False}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from cpfx import capture, dynamic, resident
 from cpfx.config import ParallelConfig
@@ -107,6 +107,11 @@ class CpfxBackend:
         """A symbolically captured graph that is functionalized again for each set of sizes."""
 
         def compile_static(fakes: tuple[Any, ...]) -> Callable[..., Any]:
+            # Outside Dynamo's tracing context: AOTAutograd would take its (symbolic) fake mode
+            with torch._guards.tracing(None), unset_fake_temporarily():
+                return compile_sized(fakes)
+
+        def compile_sized(fakes: tuple[Any, ...]) -> Callable[..., Any]:
             graph_id = next(self._ids)
             if training:
                 return self._compile_training(gm, list(fakes), graph_id, names)
@@ -183,7 +188,6 @@ class CpfxBackend:
         reference = copy.deepcopy(gm) if config.verify else None
         passes = build_pipeline(config)
         from torch._dispatch.python import no_python_dispatcher
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         # AOTAutograd compiles with its fake mode and the Python dispatcher on. The passes' own
         # cross-rank checks are real gloo collectives: with the Python dispatcher on, a collective

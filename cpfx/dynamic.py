@@ -71,12 +71,13 @@ def is_symbolic(inputs: list[Any]) -> bool:
 
 
 def _slots(fakes: list[Any]) -> tuple[list[tuple[int, int, bool]], list[int]]:
-    """Where the symbols live: (input, dim, is_stride) of tensor inputs, and the int inputs."""
+    """Where the symbols live: (input, dim, is_stride) of tensor inputs, and the scalar inputs
+    (symbolic ints, floats and bools)."""
     dims: list[tuple[int, int, bool]] = []
-    ints: list[int] = []
+    scalars: list[int] = []
     for i, f in enumerate(fakes):
-        if isinstance(f, torch.SymInt):
-            ints.append(i)
+        if isinstance(f, SYM_TYPES):
+            scalars.append(i)
         elif isinstance(f, torch.Tensor):
             for d, s in enumerate(f.shape):
                 if isinstance(s, torch.SymInt):
@@ -84,24 +85,24 @@ def _slots(fakes: list[Any]) -> tuple[list[tuple[int, int, bool]], list[int]]:
             for d, s in enumerate(f.stride()):
                 if isinstance(s, torch.SymInt):
                     dims.append((i, d, True))
-    return dims, ints
+    return dims, scalars
 
 
-def _key(dims: list[tuple[int, int, bool]], ints: list[int], args: Any) -> tuple[int, ...]:
-    """The sizes at the symbolic places of these arguments (what selects a variant)."""
-    k = [args[i].stride(d) if st else args[i].shape[d] for i, d, st in dims]
-    k += [int(args[i]) for i in ints]
+def _key(dims: list[tuple[int, int, bool]], scalars: list[int], args: Any) -> tuple[Any, ...]:
+    """The values at the symbolic places of these arguments (what selects a variant)."""
+    k: list[Any] = [args[i].stride(d) if st else args[i].shape[d] for i, d, st in dims]
+    k += [args[i] for i in scalars]
     return tuple(k)
 
 
-def bind(fakes: list[Any], args: list[Any]) -> dict[sympy.Symbol, int]:
+def bind(fakes: list[Any], args: list[Any]) -> dict[sympy.Symbol, Any]:
     """Values of the input symbols for these concrete arguments."""
-    out: dict[sympy.Symbol, int] = {}
+    out: dict[sympy.Symbol, Any] = {}
     for f, a in zip(fakes, args):
-        if isinstance(f, torch.SymInt):
+        if isinstance(f, SYM_TYPES):
             e = f.node.expr
             if isinstance(e, sympy.Symbol):
-                out[e] = int(a)
+                out[e] = a
         elif isinstance(f, torch.Tensor) and isinstance(a, torch.Tensor):
             for s, v in list(zip(f.shape, a.shape)) + list(zip(f.stride(), a.stride())):
                 if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
@@ -109,7 +110,7 @@ def bind(fakes: list[Any], args: list[Any]) -> dict[sympy.Symbol, int]:
     return out
 
 
-def evaluate(x: Any, values: dict[sympy.Symbol, int]) -> Any:
+def evaluate(x: Any, values: dict[sympy.Symbol, Any]) -> Any:
     """The concrete value of a symbolic int, float or bool (plain values pass through)."""
     if not isinstance(x, SYM_TYPES):
         return x
@@ -123,7 +124,7 @@ def evaluate(x: Any, values: dict[sympy.Symbol, int]) -> Any:
     return float(e)
 
 
-def check_bound(fakes: list[Any], args: list[Any], values: dict[sympy.Symbol, int]) -> None:
+def check_bound(fakes: list[Any], args: list[Any], values: dict[sympy.Symbol, Any]) -> None:
     """Every input's symbolic size evaluates to the argument's (an input size that is an
     expression of others, such as `s0 + 16`, is checked, not bound)."""
     for f, a in zip(fakes, args):
@@ -133,7 +134,7 @@ def check_bound(fakes: list[Any], args: list[Any], values: dict[sympy.Symbol, in
                 raise NotSpecializable(f"input sized {list(f.shape)} got {list(a.shape)}")
 
 
-def specialize(gm: fx.GraphModule, values: dict[sympy.Symbol, int]) -> fx.GraphModule:
+def specialize(gm: fx.GraphModule, values: dict[sympy.Symbol, Any]) -> fx.GraphModule:
     """A copy of the functional ATen graph `gm` (traced with symbolic sizes) in which every size
     computation is replaced by its value under `values` and every size assertion is checked and
     dropped: the graph a static trace at those sizes gives. Tensor values (`meta["val"]`) are
@@ -156,7 +157,7 @@ def specialize(gm: fx.GraphModule, values: dict[sympy.Symbol, int]) -> fx.GraphM
             graph.output(tree_map(arg, n.args[0]))
             continue
         if isinstance(val, SYM_TYPES) or (
-            n.op == "call_function" and isinstance(val, (int, float, bool)) and val is not None
+            n.op == "call_function" and isinstance(val, (int, float, bool))
         ):
             env[n] = evaluate(val, values)
             continue
@@ -209,8 +210,10 @@ def _is_assertion(n: fx.Node) -> bool:
 
 
 def hint(x: Any) -> Any:
-    """A symbolic int's traced value (without guarding on it); anything else as it is."""
-    return int(x.node.hint) if isinstance(x, torch.SymInt) else x
+    """A symbolic scalar's traced value (without guarding on it); anything else as it is."""
+    if not isinstance(x, SYM_TYPES):
+        return x
+    return x.node.pytype(x.node.hint) if x.node.hint is not None else x
 
 
 def static_fakes(args: list[Any]) -> tuple[Any, ...]:
@@ -239,7 +242,7 @@ class ShapeVariants:
         compile_variant: Callable[[fx.GraphModule, tuple[Any, ...]], Any],
     ) -> None:
         self.gm, self.fakes, self.compile_variant = gm, list(fakes), compile_variant
-        self.dims, self.ints = _slots(self.fakes)
+        self.dims, self.scalars = _slots(self.fakes)
         self.variants: dict[tuple[int, ...], Any] = {}
         self.lock = threading.Lock()
         self.on_variant: Callable[[Any], None] | None = None
@@ -248,21 +251,21 @@ class ShapeVariants:
         self._tls = threading.local()
 
     def key(self, args: Any) -> tuple[int, ...]:
-        return _key(self.dims, self.ints, args)
+        return _key(self.dims, self.scalars, args)
 
     def hint_fakes(self) -> tuple[Any, ...]:
         """Static fake inputs at the traced sizes (Dynamo traces with the current call's sizes as
         the symbols' hints): the first variant is compiled from these, at capture time."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        values: dict[sympy.Symbol, int] = {}
+        values: dict[sympy.Symbol, Any] = {}
         for f in self.fakes:
-            syms = [f] if isinstance(f, torch.SymInt) else (
+            syms = [f] if isinstance(f, SYM_TYPES) else (
                 list(f.shape) + list(f.stride()) if isinstance(f, torch.Tensor) else []
             )
             for s in syms:
-                if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
-                    values[s.node.expr] = int(s.node.hint)
+                if isinstance(s, SYM_TYPES) and isinstance(s.node.expr, sympy.Symbol):
+                    values[s.node.expr] = hint(s)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -321,7 +324,7 @@ class ShapeVariants:
         return getattr(self._tls, "last", None)
 
 
-def _describe(values: dict[sympy.Symbol, int]) -> str:
+def _describe(values: dict[sympy.Symbol, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(values.items(), key=lambda kv: str(kv[0])))
 
 
@@ -334,7 +337,7 @@ class PerSizeTrace:
         self, fakes: list[Any], compile_static: Callable[[tuple[Any, ...]], Callable[..., Any]]
     ) -> None:
         self.fakes, self.compile_static = list(fakes), compile_static
-        self.dims, self.ints = _slots(self.fakes)
+        self.dims, self.scalars = _slots(self.fakes)
         self.variants: dict[tuple[int, ...], Callable[..., Any]] = {}
         self.lock = threading.Lock()
         self.on_variant: Callable[[Any], None] | None = None
@@ -343,10 +346,10 @@ class PerSizeTrace:
         self._tls = threading.local()
 
     def key(self, args: Any) -> tuple[int, ...]:
-        return _key(self.dims, self.ints, args)
+        return _key(self.dims, self.scalars, args)
 
     def variant(self, args: Any) -> Callable[..., Any]:
-        k = self.key(args)
+        k = self.key(args)  # every symbolic value: a variant bakes them all in
         v = self.variants.get(k)
         if v is None:
             with self.lock:
@@ -363,7 +366,9 @@ class PerSizeTrace:
     def __call__(self, *args: Any) -> Any:
         v = self.variant(args)
         self._tls.last = v
-        return v(list(args)) if getattr(v, "_boxed_call", False) else v(*args)
+        # unboxed: what aot_module_simplified and compile_fx return takes the arguments as they
+        # are (whatever `_boxed_call` they copy from the boxed function they wrap)
+        return v(*args)
 
     @property
     def last(self) -> Any:

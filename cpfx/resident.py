@@ -149,7 +149,9 @@ def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any,
             lay = x.shard_layout
             specs.append((key, x.shard_dim, x.shard_group))
             shards.append(x.shard)
-            shards.append(x.shard.new_empty((lay.size, *flatten_layout(lay), 0)))
+            sizes = (lay.size, *flatten_layout(lay), 0)
+            # zero strides: a contiguous stride would be the product of the sizes (overflows)
+            shards.append(x.shard.new_empty_strided(sizes, (0,) * len(sizes)))
             return None
         if isinstance(x, (list, tuple, dict)):  # shards inside containers go in whole
             return materialize(x)

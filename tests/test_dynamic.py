@@ -70,6 +70,60 @@ def test_every_resolution_exact_without_a_new_capture(pools, model, regional, wo
             assert res["captured"][-1] == res["captured"][0], res
 
 
+def dynamic_training(regional: bool) -> dict[str, Any]:
+    """Gradients of every parameter at three resolutions (train mode), vs the single process."""
+    import copy
+
+    fresh()
+    m, _ = build("flux", layers=1, single=1)
+    m.train()
+    ref_m = copy.deepcopy(m)
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=regional, dynamic=True))
+    worst = 0.0
+    for img in (100, 36, 100):
+        kw = build("flux", layers=1, single=1, img=img)[1]
+        grads = []
+        for mod in (ref_m, m):
+            mod.zero_grad(set_to_none=True)
+            out = first_output(mod(**kw))[0]
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(img))
+            (out * w).sum().backward()
+            grads.append({n: p.grad for n, p in mod.named_parameters()})
+        for n, ref in grads[0].items():
+            err = (grads[1][n] - ref).abs().max() / max(1.0, ref.abs().max().item())
+            worst = max(worst, err.item())
+    return {"max_rel": worst, "retraced": cpfx.counters["dynamic"]["retraced"]}
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("regional", [True, False], ids=["regional", "whole"])
+def test_gradients_at_every_resolution(pools, regional):
+    """Grad mode re-traces the symbolic capture with AOTAutograd per set of sizes (the backward
+    is derived from the rewritten forward): exact, and still no new Dynamo capture."""
+    for res in pools(2).run(dynamic_training, regional=regional):
+        assert res["max_rel"] <= 1e-5 and res["retraced"] >= 2, res
+
+
+def backend_sizes() -> dict[str, Any]:
+    """`torch.compile(model, backend="cpfx")` at three resolutions: Dynamo's own automatic
+    dynamic shapes recapture once, symbolically, at the second; the third is a variant."""
+    fresh()
+    m, _ = build("flux", layers=1, single=1)
+    compiled = torch.compile(m, backend="cpfx")
+    diffs = []
+    with torch.no_grad():
+        for img in (100, 36, 144):
+            kw = build("flux", layers=1, single=1, img=img)[1]
+            diffs.append((compiled(**kw)[0] - m(**kw)[0]).abs().max().item())
+    return {"max_abs": max(diffs), "variants": cpfx.counters["dynamic"]["variants"]}
+
+
+@pytest.mark.ranks
+def test_backend_with_dynamos_automatic_dynamic_shapes(pools):
+    for res in pools(2).run(backend_sizes):
+        assert res["max_abs"] <= 1e-5 and res["variants"] == 2, res
+
+
 # --- one process -------------------------------------------------------------------------------
 
 

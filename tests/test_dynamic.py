@@ -191,30 +191,3 @@ def test_mark_sizes_marks_every_long_dim_of_non_parameters():
     dynamic.mark_sizes({"x": x, "w": [w]})
     assert getattr(x, "_dynamo_weak_dynamic_indices", set()) == {1, 2}
     assert not hasattr(w, "_dynamo_weak_dynamic_indices")
-
-
-@pytest.mark.graph
-@pytest.mark.parametrize("regional", [True, False], ids=["regional", "whole"])
-def test_new_resolution_is_a_variant_not_a_capture(regional):
-    """In one process on a fake 2-rank group: Dynamo captures each graph once; the second and
-    third resolutions are static variants (one per captured graph each)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from cpfx.explain import fake_world
-
-    fresh()
-    m, _ = build("flux")
-    cfg = cpfx.ParallelConfig(
-        regional=regional, dynamic=True, check_collectives=False, check_inputs="never"
-    )
-    with fake_world(2), torch.no_grad():
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ulysses",))
-        cpfx.parallelize(m, mesh, cfg)
-        counts = []
-        for img in (100, 36, 144):
-            for _ in range(3):
-                m(**build("flux", img=img)[1])
-            counts.append(sum(1 for g in m._cpfx.graphs if NEW_SIZES not in (g.reason or "")))
-    variants = sum(1 for g in m._cpfx.graphs if NEW_SIZES in (g.reason or ""))
-    assert counts[0] == counts[1] == counts[2], counts
-    assert variants == 2 * counts[0], (variants, counts)

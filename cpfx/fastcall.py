@@ -103,14 +103,17 @@ def fast_module(gm: fx.GraphModule) -> fx.GraphModule:
     for n in graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target in BINDINGS:
-            n.target = BINDINGS[n.target]
+        target = n.target
+        if isinstance(target, torch._ops.OpOverloadPacket) and target.overloads() == ["default"]:
+            target = target.default  # the lowering's collectives name the packet
+        if target in BINDINGS:
+            n.target = BINDINGS[target]
         elif (
-            isinstance(n.target, torch._ops.OpOverload)
-            and n.target.namespace in _BELOW_AUTOGRAD_NAMESPACES
+            isinstance(target, torch._ops.OpOverload)
+            and target.namespace in _BELOW_AUTOGRAD_NAMESPACES
         ):
             n.meta["cpfx_op"] = n.target  # error messages name the collective (`op_of`)
-            n.target = below_autograd(n.target)
+            n.target = below_autograd(target)
     return fx.GraphModule(gm, graph)
 
 

@@ -99,3 +99,23 @@ def test_fast_module_rebinds_a_copy():
     targets = [n.target for n in fast.graph.nodes if n.op == "call_function"]
     assert aten.slice.Tensor in targets and aten.unsqueeze.default not in targets
     assert aten.unsqueeze.default in [n.target for n in gm.graph.nodes]  # original unchanged
+
+
+@pytest.mark.parametrize("target", [
+    torch.ops._c10d_functional.wait_tensor.default, torch.ops._c10d_functional.wait_tensor,
+], ids=["overload", "packet"])
+def test_collectives_called_past_their_autograd_kernel(target):
+    """The lowering names collectives by their packet or their overload: both are called past
+    their Python autograd kernel (which costs more than the call itself when nothing records
+    autograd), and keep the op they stand for (`op_of`, for error messages)."""
+    from cpfx.fastcall import op_of
+
+    graph = fx.Graph()
+    a = graph.placeholder("a")
+    graph.output(graph.call_function(target, (a,)))
+    fast = fast_module(fx.GraphModule(torch.nn.Module(), graph))
+    (n,) = [n for n in fast.graph.nodes if n.op == "call_function"]
+    assert n.target.__name__ == "_c10d_functional_wait_tensor_below_autograd"
+    assert op_of(n) is target
+    t = torch.randn(3)
+    _same(fast(t), t)

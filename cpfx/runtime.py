@@ -743,7 +743,7 @@ def _signature(spec: Any, leaves: list[Any]) -> tuple[Any, ...]:
             items.append((tuple(x.shape), str(x.dtype), x.device.type))
         else:
             items.append(_value_text(x))
-    return (spec, str(spec), tuple(items))
+    return (spec, tuple(items))  # a TreeSpec hashes and compares by structure and keys
 
 
 def _value_text(x: Any) -> str:
@@ -756,7 +756,7 @@ def _sig_text(sig: Any) -> str:
     if sig is None:
         return ""
     parts = []
-    for it in sig[2]:
+    for it in sig[1]:
         parts.append(
             f"{list(it[0])}:{it[1].replace('torch.', '')}" if isinstance(it, tuple) else it
         )

@@ -71,14 +71,26 @@ class CpfxBackend:
             if symbolic:
                 return self._per_size(gm, example_inputs, names, training=True)
             return self._compile_training(gm, example_inputs, graph_id, names)
+        try:
+            return self._functionalized(gm, example_inputs, graph_id, names)
+        except dynamic.NotSpecializable as e:
+            log.info("cpfx: graph %d: %s; it is re-traced for each new set of sizes", graph_id, e)
+            return self._per_size(gm, example_inputs, names, training=False)
+
+    def _functionalized(
+        self, gm: fx.GraphModule, example_inputs: list[Any], graph_id: int, names: list[str]
+    ) -> Callable[..., Any]:
+        """AOTAutograd's inference function for `gm`, around a `GraphRunner` (static sizes) or a
+        `dynamic.ShapeVariants` (symbolic sizes: its first variant, at the traced sizes, is
+        compiled now, so `self.graphs` holds it on return)."""
         runners: list[GraphRunner] = []
-        tracing = [True]
+        tracing = True
 
         def compile_variant(aten_gm: fx.GraphModule, inputs: tuple[Any, ...]) -> GraphRunner:
             gid = graph_id if not runners else next(self._ids)
             runner = self.compile_aten(aten_gm, list(inputs), gid, names)
             runners.append(runner)
-            if not tracing[0]:
+            if not tracing:  # a later variant, compiled at run time
                 runner.finish()
             return runner
 
@@ -91,12 +103,8 @@ class CpfxBackend:
             self.last_variants = variants
             return variants
 
-        try:
-            compiled = capture.functionalize(gm, example_inputs, compile_fn)
-        except dynamic.NotSpecializable as e:
-            log.info("cpfx: graph %d: %s; it is re-traced for each new set of sizes", graph_id, e)
-            return self._per_size(gm, example_inputs, names, training=False)
-        tracing[0] = False
+        compiled = capture.functionalize(gm, example_inputs, compile_fn)
+        tracing = False
         for r in runners:  # inductor runs here, outside the trace's composite-op override
             r.finish()
         return compiled
@@ -109,22 +117,9 @@ class CpfxBackend:
         def compile_static(fakes: tuple[Any, ...]) -> Callable[..., Any]:
             # Outside Dynamo's tracing context: AOTAutograd would take its (symbolic) fake mode
             with torch._guards.tracing(None), unset_fake_temporarily():
-                return compile_sized(fakes)
-
-        def compile_sized(fakes: tuple[Any, ...]) -> Callable[..., Any]:
-            graph_id = next(self._ids)
-            if training:
-                return self._compile_training(gm, list(fakes), graph_id, names)
-            runners: list[GraphRunner] = []
-
-            def compile_fn(aten_gm: fx.GraphModule, inputs: list[Any]) -> GraphRunner:
-                runners.append(self.compile_aten(aten_gm, inputs, graph_id, names))
-                return runners[-1]
-
-            compiled = capture.functionalize(gm, list(fakes), compile_fn)
-            for r in runners:
-                r.finish()
-            return compiled
+                if training:
+                    return self._compile_training(gm, list(fakes), next(self._ids), names)
+                return self._functionalized(gm, list(fakes), next(self._ids), names)
 
         fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         variants = dynamic.PerSizeTrace(fakes, compile_static)

@@ -124,6 +124,38 @@ def test_backend_with_dynamos_automatic_dynamic_shapes(pools):
         assert res["max_abs"] <= 1e-5 and res["variants"] == 2, res
 
 
+def not_specializable() -> dict[str, Any]:
+    """A graph whose sizes cannot be evaluated from its inputs (forced here) is re-traced by
+    AOTAutograd per set of sizes instead: no new Dynamo capture, still exact."""
+    fresh()
+    m, _ = build("flux", layers=1, single=1)
+    refs = []
+    with torch.no_grad():
+        for img in (100, 36):
+            kw = build("flux", layers=1, single=1, img=img)[1]
+            refs.append((kw, m(**kw)[0]))
+
+    def refuse(gm, values):
+        raise dynamic.NotSpecializable("forced by the test")
+
+    real, dynamic.specialize = dynamic.specialize, refuse
+    try:
+        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(dynamic=True))
+        with torch.no_grad():
+            diffs = [(m(**kw)[0] - ref).abs().max().item() for kw, ref in refs]
+    finally:
+        dynamic.specialize = real
+    captured = sum(1 for g in m._cpfx.graphs if NEW_SIZES not in (g.reason or ""))
+    return {"max_abs": max(diffs), "retraced": cpfx.counters["dynamic"]["retraced"],
+            "captured": captured}
+
+
+@pytest.mark.ranks
+def test_sizes_not_specializable_retrace_per_size(pools):
+    for res in pools(2).run(not_specializable):
+        assert res["max_abs"] <= 1e-5 and res["retraced"] == 2 and res["captured"] == 1, res
+
+
 # --- one process -------------------------------------------------------------------------------
 
 

@@ -36,7 +36,9 @@ def dynamic_sizes(model: str, regional: bool) -> dict[str, Any]:
         for s in sizes:
             kw = build(model, **model_kwargs, **s)[1]
             cases.append((kw, first_output(m(**kw))[0]))
-        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=regional, dynamic=True))
+        # Flux also under the verifier: each variant's first call checked op by op
+        cfg = cpfx.ParallelConfig(regional=regional, dynamic=True, verify=model == "flux")
+        cpfx.parallelize(m, make_mesh(), cfg)
         diffs, captured = [], []
         for kw, ref in cases:
             for _ in range(3):

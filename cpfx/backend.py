@@ -64,11 +64,10 @@ class CpfxBackend:
         if self.mesh_info.world == 1:
             return gm.forward
         names = [_input_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
-        symbolic = dynamic.is_symbolic(
-            [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-        )
         if _records_autograd(example_inputs):
-            if symbolic:
+            if dynamic.is_symbolic(
+                [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+            ):
                 return self._per_size(gm, example_inputs, names, training=True)
             return self._compile_training(gm, example_inputs, graph_id, names)
         try:

@@ -193,9 +193,8 @@ def fake_mode_of(inputs: Any) -> Any:
 
 def propagate(gm: fx.GraphModule, fakes: tuple[Any, ...]) -> None:
     """Static `meta["val"]` of every node, from static fake inputs."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     with unset_fake_temporarily(), torch.no_grad():  # AOTAutograd's own fake mode is active
         FakeTensorProp(gm, fake_mode_of(fakes)).propagate_dont_convert_inputs(*fakes)
@@ -227,13 +226,62 @@ def static_fakes(args: list[Any]) -> tuple[Any, ...]:
     )
 
 
-class ShapeVariants:
-    """AOTAutograd's forward for one symbolically traced graph: a rewritten static graph per set
-    of input sizes, compiled on first use by `compile_variant(specialized_gm, static_fakes)`.
+class _Variants:
+    """Compiled variants of one symbolically captured graph, one per set of values at its
+    symbolic places (`key`), compiled once under `lock` by `_build` within `guard`. `last` (per
+    thread) is the variant that ran last; `on_variant` hears of each new one."""
 
-    `last` (per thread) is the variant that ran last; `on_variant` hears of each new one."""
+    counter = ""
+
+    def __init__(self, fakes: list[Any]) -> None:
+        self.fakes = list(fakes)
+        self.dims, self.scalars = _slots(self.fakes)
+        self.variants: dict[tuple[Any, ...], Any] = {}
+        self.lock = threading.Lock()
+        self.on_variant: Callable[[Any], None] | None = None
+        self.guard: Callable[[], Any] = contextlib.nullcontext
+        """Context around compiling a variant at run time (the runtime's failure announcement)."""
+        self._tls = threading.local()
+
+    def key(self, args: Any) -> tuple[Any, ...]:
+        return _key(self.dims, self.scalars, args)
+
+    def variant(self, args: Any, fakes: tuple[Any, ...] | None = None) -> Any:
+        """The compiled variant for these arguments (compiled now if new; `fakes`: their static
+        fake values, when the caller has them)."""
+        k = self.key(args)  # every symbolic value: a variant bakes them all in
+        v = self.variants.get(k)
+        if v is None:
+            with self.lock:
+                v = self.variants.get(k)
+                if v is None:
+                    with self.guard():
+                        v = self._build(list(args), fakes)
+                    self.variants[k] = v
+                    counters["dynamic"][self.counter] += 1
+                    if self.on_variant is not None:
+                        self.on_variant(v)
+        return v
+
+    def _build(self, args: list[Any], fakes: tuple[Any, ...] | None) -> Any:
+        raise NotImplementedError
+
+    def _run(self, args: Any) -> Any:
+        v = self.variant(args)
+        self._tls.last = v
+        return v
+
+    @property
+    def last(self) -> Any:
+        return getattr(self._tls, "last", None)
+
+
+class ShapeVariants(_Variants):
+    """AOTAutograd's forward for one symbolically traced graph: a rewritten static graph per set
+    of input sizes, compiled on first use by `compile_variant(specialized_gm, static_fakes)`."""
 
     _boxed_call = True
+    counter = "variants"
 
     def __init__(
         self,
@@ -241,22 +289,13 @@ class ShapeVariants:
         fakes: list[Any],
         compile_variant: Callable[[fx.GraphModule, tuple[Any, ...]], Any],
     ) -> None:
-        self.gm, self.fakes, self.compile_variant = gm, list(fakes), compile_variant
-        self.dims, self.scalars = _slots(self.fakes)
-        self.variants: dict[tuple[int, ...], Any] = {}
-        self.lock = threading.Lock()
-        self.on_variant: Callable[[Any], None] | None = None
-        self.guard: Callable[[], Any] = contextlib.nullcontext
-        """Context around compiling a variant at run time (the runtime's failure announcement)."""
-        self._tls = threading.local()
-
-    def key(self, args: Any) -> tuple[int, ...]:
-        return _key(self.dims, self.scalars, args)
+        super().__init__(fakes)
+        self.gm, self.compile_variant = gm, compile_variant
 
     def hint_fakes(self) -> tuple[Any, ...]:
         """Static fake inputs at the traced sizes (Dynamo traces with the current call's sizes as
         the symbols' hints): the first variant is compiled from these, at capture time."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
         values: dict[sympy.Symbol, Any] = {}
         for f in self.fakes:
@@ -266,8 +305,6 @@ class ShapeVariants:
             for s in syms:
                 if isinstance(s, SYM_TYPES) and isinstance(s.node.expr, sympy.Symbol):
                     values[s.node.expr] = hint(s)
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         out: list[Any] = []
         with unset_fake_temporarily(), mode:
@@ -284,92 +321,43 @@ class ShapeVariants:
                     out.append(evaluate(f, values))
         return tuple(out)
 
-    def variant(self, args: list[Any] | tuple[Any, ...], fakes: tuple[Any, ...] | None = None) -> Any:
-        """The compiled variant for these arguments' sizes (compiled now if new)."""
-        k = self.key(args)
-        v = self.variants.get(k)
-        if v is None:
-            with self.lock:
-                v = self.variants.get(k)
-                if v is None:
-                    with self.guard():
-                        v = self._compile(args, k, fakes)
-        return v
-
-    def _compile(
-        self, args: Any, k: tuple[int, ...], fakes: tuple[Any, ...] | None
-    ) -> Any:
-        values = bind(self.fakes, list(args))
-        check_bound(self.fakes, list(args), values)
+    def _build(self, args: list[Any], fakes: tuple[Any, ...] | None) -> Any:
+        values = bind(self.fakes, args)
+        check_bound(self.fakes, args, values)
         gm = specialize(self.gm, values)
         if fakes is None:
-            fakes = static_fakes(list(args))
+            fakes = static_fakes(args)
         propagate(gm, fakes)
         v = self.compile_variant(gm, fakes)
-        self.variants[k] = v
-        counters["dynamic"]["variants"] += 1
         log.info("cpfx: sizes %s: new static variant (%d in all)", _describe(values),
-                 len(self.variants))
-        if self.on_variant is not None:
-            self.on_variant(v)
+                 len(self.variants) + 1)
         return v
 
     def __call__(self, args: list[Any]) -> Any:
-        v = self.variant(args)
-        self._tls.last = v
-        return v(args)
-
-    @property
-    def last(self) -> Any:
-        return getattr(self._tls, "last", None)
+        return self._run(args)(args)
 
 
 def _describe(values: dict[sympy.Symbol, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(values.items(), key=lambda kv: str(kv[0])))
 
 
-class PerSizeTrace:
+class PerSizeTrace(_Variants):
     """A symbolically captured Dynamo graph compiled per set of sizes from the start
     (`compile_static(static_fake_inputs)`, which re-traces it with AOTAutograd): for graphs
-    `ShapeVariants` cannot serve (training, data-dependent sizes). Same `last` / `on_variant`."""
+    `ShapeVariants` cannot serve (training, data-dependent sizes)."""
+
+    counter = "retraced"
 
     def __init__(
         self, fakes: list[Any], compile_static: Callable[[tuple[Any, ...]], Callable[..., Any]]
     ) -> None:
-        self.fakes, self.compile_static = list(fakes), compile_static
-        self.dims, self.scalars = _slots(self.fakes)
-        self.variants: dict[tuple[int, ...], Callable[..., Any]] = {}
-        self.lock = threading.Lock()
-        self.on_variant: Callable[[Any], None] | None = None
-        self.guard: Callable[[], Any] = contextlib.nullcontext
-        """Context around compiling a variant at run time (the runtime's failure announcement)."""
-        self._tls = threading.local()
+        super().__init__(fakes)
+        self.compile_static = compile_static
 
-    def key(self, args: Any) -> tuple[int, ...]:
-        return _key(self.dims, self.scalars, args)
-
-    def variant(self, args: Any) -> Callable[..., Any]:
-        k = self.key(args)  # every symbolic value: a variant bakes them all in
-        v = self.variants.get(k)
-        if v is None:
-            with self.lock:
-                v = self.variants.get(k)
-                if v is None:
-                    with self.guard():
-                        v = self.compile_static(static_fakes(list(args)))
-                    self.variants[k] = v
-                    counters["dynamic"]["retraced"] += 1
-                    if self.on_variant is not None:
-                        self.on_variant(v)
-        return v
+    def _build(self, args: list[Any], fakes: tuple[Any, ...] | None) -> Any:
+        return self.compile_static(fakes if fakes is not None else static_fakes(args))
 
     def __call__(self, *args: Any) -> Any:
-        v = self.variant(args)
-        self._tls.last = v
         # unboxed: what aot_module_simplified and compile_fx return takes the arguments as they
         # are (whatever `_boxed_call` they copy from the boxed function they wrap)
-        return v(*args)
-
-    @property
-    def last(self) -> Any:
-        return getattr(self._tls, "last", None)
+        return self._run(args)(*args)

@@ -135,7 +135,7 @@ def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> A
         return resident.materialize(
             compiled(block, (), (), *resident.materialize(args), **resident.materialize(kwargs))
         )
-    specs, shards, (args, kwargs) = resident.block_args(args, kwargs)
+    specs, shards, (args, kwargs), held = resident.block_args(args, kwargs)
     if st.mark_sizes:
         dynamic.mark_sizes((shards, args, kwargs))
     outer, st.block = st.block, []
@@ -144,6 +144,9 @@ def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> A
         ran = st.block
     finally:
         st.block = outer
+    if specs:
+        out, values = out
+        resident.write_back(held, values)
     if len(ran) == 1:
         ran[0].resident_ok = True
     elif len(ran) > 1:  # a graph break inside the block: its graphs gather their outputs
@@ -152,12 +155,13 @@ def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> A
     return out
 
 
-def _call_block(
+def _call_block(  # named by resident.BLOCK_FRAME
     block: nn.Module, specs: tuple[Any, ...], shards: tuple[Any, ...], *args: Any, **kwargs: Any
 ) -> Any:
-    if specs:
-        args, kwargs = resident.fill(specs, shards, args, kwargs)
-    return block._call_impl(*args, **kwargs)
+    if not specs:
+        return block._call_impl(*args, **kwargs)
+    args, kwargs, values = resident.fill(specs, shards, args, kwargs)
+    return block._call_impl(*args, **kwargs), values
 
 
 def unwrap_errors(fn: Any) -> Any:

@@ -70,24 +70,33 @@ class CpfxBackend:
             ):
                 return self._per_size(gm, example_inputs, names, training=True)
             return self._compile_training(gm, example_inputs, graph_id, names)
+        whole = self.config.regional and resident.whole_block(gm)
         try:
-            return self._functionalized(gm, example_inputs, graph_id, names)
+            return self._functionalized(gm, example_inputs, graph_id, names, whole)
         except dynamic.NotSpecializable as e:
             log.info("cpfx: graph %d: %s; it is re-traced for each new set of sizes", graph_id, e)
-            return self._per_size(gm, example_inputs, names, training=False)
+            return self._per_size(gm, example_inputs, names, training=False, whole=whole)
 
     def _functionalized(
-        self, gm: fx.GraphModule, example_inputs: list[Any], graph_id: int, names: list[str]
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        graph_id: int,
+        names: list[str],
+        whole: bool = False,
     ) -> Callable[..., Any]:
         """AOTAutograd's inference function for `gm`, around a `GraphRunner` (static sizes) or a
         `dynamic.ShapeVariants` (symbolic sizes: its first variant, at the traced sizes, is
-        compiled now, so `self.graphs` holds it on return)."""
+        compiled now, so `self.graphs` holds it on return). `whole`: `gm` is a whole regional
+        block call (`resident.whole_block`), whose token-sharded outputs may stay resident from
+        its first run."""
         runners: list[GraphRunner] = []
         tracing = True
 
         def compile_variant(aten_gm: fx.GraphModule, inputs: tuple[Any, ...]) -> GraphRunner:
             gid = graph_id if not runners else next(self._ids)
             runner = self.compile_aten(aten_gm, list(inputs), gid, names)
+            runner.resident_ok = whole
             runners.append(runner)
             if not tracing:  # a later variant, compiled at run time
                 runner.finish()
@@ -109,7 +118,12 @@ class CpfxBackend:
         return compiled
 
     def _per_size(
-        self, gm: fx.GraphModule, example_inputs: list[Any], names: list[str], training: bool
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        names: list[str],
+        training: bool,
+        whole: bool = False,
     ) -> Callable[..., Any]:
         """A symbolically captured graph that is functionalized again for each set of sizes."""
 
@@ -118,7 +132,7 @@ class CpfxBackend:
             with torch._guards.tracing(None), unset_fake_temporarily():
                 if training:
                     return self._compile_training(gm, list(fakes), next(self._ids), names)
-                return self._functionalized(gm, list(fakes), next(self._ids), names)
+                return self._functionalized(gm, list(fakes), next(self._ids), names, whole)
 
         fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         variants = dynamic.PerSizeTrace(fakes, compile_static)
@@ -208,7 +222,8 @@ class GraphRunner:
         self.resident_outputs: dict[int, Any] = gm.meta.get("cpfx_resident_outputs", {})
         """Output positions holding this rank's token shards (regional blocks): (dim, layout)."""
         self.resident_ok = False
-        """Set once a block call ran this graph alone: its shards may then stay resident."""
+        """Set when this graph is a whole block call (known at compile time, or once a block call
+        ran this graph alone): its shards may then stay resident."""
 
     def finish(self) -> None:
         if not self.ctx.config.compile:

@@ -8,10 +8,12 @@ code between the blocks, a hook, the model's epilogue) first all-gathers the glo
 and works on that: exact wherever it goes. Every rank runs the same code, so every rank gathers
 at the same point.
 
-A block graph's first run gathers its outputs at once (as a graph without residency would); its
-outputs stay resident from then on only if that call ran no other graph (no graph break inside
-the block, whose resumed code Dynamo would trace with a shard in hand). A parallelized model's
-returned value never holds a `TokenShards`.
+A block graph's outputs stay resident only when the graph is the whole block call: Dynamo traced
+the block's frame to its return with no graph break (`whole_block`, known when it compiles), or,
+failing that knowledge, a block call ran that graph and no other. Otherwise (a graph break inside
+the block, whose resumed code Dynamo would trace with a shard in hand) its outputs are gathered at
+once, as a graph without residency would. A parallelized model's returned value never holds a
+`TokenShards`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,23 @@ from torch.utils import _pytree as pytree
 from cpfx import comm
 from cpfx.debug import counters
 from cpfx.sharding.layout import Layout
+
+
+BLOCK_FRAME = "_call_block"
+"""The name of the function the regional path compiles per block class (`cpfx.api`)."""
+
+
+def whole_block(gm: Any) -> bool:
+    """Whether Dynamo's graph `gm` is a whole block call: traced from the start of the block's
+    frame (not a function resuming after a graph break) to its return."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    stack = getattr(reason, "user_stack", None)
+    return bool(
+        reason is not None
+        and not reason.graph_break
+        and stack
+        and stack[-1].name == BLOCK_FRAME
+    )
 
 
 def flatten_layout(layout: Layout) -> list[int]:
@@ -134,18 +153,20 @@ class _State(threading.local):
 state = _State()
 
 
-def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Split a block call's arguments: (resident specs, tensors, args and kwargs with each
-    `TokenShards` left as None). A spec is (position or keyword, dim, group); its tensors are the
-    shard and a carrier of no elements whose sizes are the global size and the flat layout (sizes,
-    not ints, so that a capture with symbolic sizes keeps them symbolic: a new resolution gives
-    new values, not a guard failure)."""
+    `TokenShards` left as None, the `TokenShards` in spec order). A spec is (position or keyword,
+    dim, group); its tensors are the shard and a carrier of no elements whose sizes are the global
+    size and the flat layout (sizes, not ints, so that a capture with symbolic sizes keeps them
+    symbolic: a new resolution gives new values, not a guard failure)."""
     specs: list[tuple[Any, ...]] = []
     shards: list[torch.Tensor] = []
+    held: list[TokenShards] = []
 
     def take(key: Any, x: Any) -> Any:
         if isinstance(x, TokenShards):
             counters["resident"]["passed_in"] += 1
+            held.append(x)
             lay = x.shard_layout
             specs.append((key, x.shard_dim, x.shard_group))
             shards.append(x.shard)
@@ -159,22 +180,78 @@ def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any,
 
     new_args = tuple(take(i, a) for i, a in enumerate(args))
     new_kwargs = {k: take(k, v) for k, v in kwargs.items()}
-    return tuple(specs), tuple(shards), (new_args, new_kwargs)
+    return tuple(specs), tuple(shards), (new_args, new_kwargs), held
 
 
-def fill(specs: tuple[Any, ...], shards: tuple[torch.Tensor, ...], args: tuple[Any, ...],
-         kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inside the compiled block: put `cpfx::resident` of each shard where its argument was."""
+def fill(
+    specs: tuple[Any, ...], shards: tuple[torch.Tensor, ...], args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]]:
+    """Inside the compiled block: put `cpfx::resident` of each shard where its argument was;
+    also return those values (the block may write to them in place: `write_back`)."""
     a = list(args)
+    values = []
     for i, (key, dim, group) in enumerate(specs):
         local, carrier = shards[2 * i], shards[2 * i + 1]
         size, *flat = carrier.shape[:-1]
         x = RESIDENT(local, dim, size, flat, group)
+        values.append(x)
         if isinstance(key, int):
             a[key] = x
         else:
             kwargs[key] = x
-    return tuple(a), kwargs
+    return tuple(a), kwargs, values
+
+
+def write_back(held: list[TokenShards], values: tuple[Any, ...]) -> None:
+    """After a block call: each `TokenShards` the block was handed takes the value the block left
+    in it, as an in-place write to a whole input would reach the caller. `values` are what the
+    block's graph returned for them: the same shard when the block did not write to it (no work),
+    else the new value, as token shards or whole (a graph break in the block gathers)."""
+    for t, v in zip(held, values):
+        if isinstance(v, TokenShards):
+            if (
+                v.shard.data_ptr() == t.shard.data_ptr()
+                and v.shard.shape == t.shard.shape
+                and v.shard_dim == t.shard_dim
+                and v.shard_layout == t.shard_layout
+            ):
+                continue  # the same shard handed back
+            shard, dim, layout, full = v.shard, v.shard_dim, v.shard_layout, v._full
+        else:
+            dim, layout, full = t.shard_dim, t.shard_layout, v
+            shard = _local_part(v, dim, layout, t.shard_group)
+        counters["resident"]["written_back"] += 1
+        if t._full is not None:  # views of the gathered value see the write, as in eager
+            t._full.copy_(full if full is not None else v.full())
+        else:
+            t._full = full
+        t.shard, t.shard_dim, t.shard_layout = shard, dim, layout
+
+
+def _local_part(full: torch.Tensor, dim: int, layout: Layout, group: str) -> torch.Tensor:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    rank = _resolve_process_group(group).rank()  # type: ignore[arg-type]  # NewType of str
+    pieces = [full.narrow(dim, s, n) for s, n in layout.pieces(rank)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """`t` with contiguous strides. The next block's graph is compiled for (and Dynamo guards)
+    its strides, and a block may return views of one joint tensor: a slice along the tokens of a
+    batch of one is contiguous but keeps the joint tensor's stride in the batch dim (no copy
+    needed, only its strides restated)."""
+    if not t.is_contiguous():
+        return t.contiguous()
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    strides.reverse()
+    if tuple(strides) == t.stride():
+        return t
+    return t.as_strided(t.shape, strides, t.storage_offset())
 
 
 def wrap_outputs(out: Any, layouts: dict[int, tuple[int, Layout]], group: str, keep: bool) -> Any:
@@ -183,9 +260,7 @@ def wrap_outputs(out: Any, layouts: dict[int, tuple[int, Layout]], group: str, k
     seq = list(out)
     for i, (dim, layout) in layouts.items():
         if keep:
-            # Contiguous: the next block's graph is compiled for (and Dynamo guards) its strides,
-            # and a block may return views of one joint tensor.
-            seq[i] = TokenShards(seq[i].contiguous(), dim, layout, group)
+            seq[i] = TokenShards(_canonical(seq[i]), dim, layout, group)
         else:
             seq[i] = TokenShards(seq[i], dim, layout, group).full()
     return type(out)(seq) if isinstance(out, tuple) else seq

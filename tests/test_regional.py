@@ -154,7 +154,8 @@ def stack_between_blocks(graph_break: bool, tokens: int) -> dict[str, Any]:
         alone = m.blocks[0](m.inp(x), torch.ones(1, 1, 16))
         cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=True))
         diffs, kinds = [], set()
-        # A graph's first run gathers its outputs, so shards reach one block further per call.
+        # With the graph break, shards reach a block only from the second call on (the first
+        # run of a graph that is not the whole block gathers its outputs).
         for _ in range(5):
             cpfx.counters["resident"].clear()
             out = m(x)
@@ -266,3 +267,72 @@ def test_regional_many_resolutions_within_the_recompile_limit(pools):
     resolutions need more graphs than max_recompiles=8, within the regional limit (4x)."""
     for res in pools(2).run(regional_sizes, sizes=[16, 24, 32, 40, 48, 64]):
         assert res["max_abs"] <= 1e-5 and res["graphs"] > 8 * 2, res
+
+
+class _Writes(torch.nn.Module):
+    """Adds its attention output into its input in place (`x += ...`), returns a new value."""
+
+    def __init__(self, dim: int, graph_break: bool) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.graph_break = graph_break
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x[:, 1:] += self.out(o.transpose(1, 2).reshape(b, s, d))[:, 1:]
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return x * 0.5
+
+
+class _WritesStack(torch.nn.Module):
+    _repeated_blocks = ("_Writes",)
+
+    def __init__(self, graph_break: bool) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(
+            _Writes(16, graph_break and i % 2 == 1) for i in range(4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        prev = [h]
+        for blk in self.blocks:
+            h = blk(h)  # a token shard from the second block on
+            prev.append(h)
+        # reads each block's input after the block wrote to it
+        return h + sum(p.mean(1, keepdim=True) for p in prev)
+
+
+def writes_to_input(tokens: int, graph_break: bool) -> dict[str, Any]:
+    import cpfx
+
+    fresh()
+    torch.manual_seed(0)
+    m = _WritesStack(graph_break).eval()
+    x = torch.randn(2, tokens, 8)
+    with torch.no_grad():
+        ref = m(x)
+        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=True))
+        diffs = []
+        for _ in range(3):
+            cpfx.counters["resident"].clear()
+            diffs.append((m(x) - ref).abs().max().item())
+    return {"diffs": diffs, "last": dict(cpfx.counters["resident"])}
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_regional_block_writing_to_its_input_in_place(pools, graph_break):
+    """A block's in-place write to a token shard it was handed reaches the caller's tensor (the
+    caller reads it after the block), as the write to a whole input does; also when the block's
+    graph breaks after the write (every other block: its input is a shard, its output whole)."""
+    for res in pools(2).run(writes_to_input, tokens=17, graph_break=graph_break):
+        assert max(res["diffs"]) <= 1e-5, res
+        passed = res["last"].get("passed_in", 0)
+        assert passed == (2 if graph_break else 3), res  # the shards did stay resident
+        assert res["last"].get("written_back", 0) == passed, res

@@ -86,7 +86,9 @@ def compile_blocks(model: nn.Module, runtime: Any) -> None:
         if type(m).__name__ not in names:
             continue
         if type(m) not in per_class:
-            per_class[type(m)] = compile_call(_call_block, runtime)
+            per_class[type(m)] = resident.BlockClass(
+                compile_call(_call_block, runtime), runtime.info, runtime.config.dynamic
+            )
         m._compiled_call_impl = functools.partial(_block_call, per_class[type(m)], m)
     if not per_class:
         raise ConfigError(
@@ -127,16 +129,23 @@ def _inferred_blocks(model: nn.Module) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """One block call: token shards in its arguments go in as shards (`cpfx.resident`); its
-    outputs stay shards only within a model call, and once its graph is known to run alone."""
+def _block_call(cls: resident.BlockClass, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """One block call: token shards in its arguments go in as shards (`cpfx.resident`), and so
+    does this rank's part of a whole tensor where the class was handed shards before; its outputs
+    stay shards only within a model call, and when its graph is known to be the whole block."""
     st = resident.state
+    compiled = cls.compiled
     if st.in_model == 0:  # the block called on its own: whole tensors in and out
         return resident.materialize(
             compiled(block, (), (), *resident.materialize(args), **resident.materialize(kwargs))
         )
-    specs, shards, (args, kwargs), held = resident.block_args(args, kwargs)
-    if st.mark_sizes:
+    args, kwargs = cls.shard_like_before(block, args, kwargs)
+    specs, shards, (args, kwargs), held = resident.block_args(args, kwargs, cls.uniform)
+    cls.note(specs, [t for t, _ in held])
+    if st.mark_sizes and specs:
+        # A call without shards (the first block, on the first call) is captured static: later
+        # calls hand that block shards. Where a class never gets any, Dynamo's own automatic
+        # dynamic shapes make its graph symbolic when its sizes first change.
         dynamic.mark_sizes((shards, args, kwargs))
     outer, st.block = st.block, []
     try:
@@ -147,6 +156,7 @@ def _block_call(compiled: Any, block: nn.Module, *args: Any, **kwargs: Any) -> A
     if specs:
         out, values = out
         resident.write_back(held, values)
+    cls.ran(block, len(ran))
     if len(ran) == 1:
         ran[0].resident_ok = True
     elif len(ran) > 1:  # a graph break inside the block: its graphs gather their outputs

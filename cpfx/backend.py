@@ -71,6 +71,10 @@ class CpfxBackend:
                 return self._per_size(gm, example_inputs, names, training=True)
             return self._compile_training(gm, example_inputs, graph_id, names)
         whole = self.config.regional and resident.whole_block(gm)
+        if self.config.regional and dynamic.is_symbolic(example_inputs):
+            # A block graph is small: functionalizing it again per set of sizes (static) costs
+            # less than functionalizing it once symbolically, and much less at the first call.
+            return self._per_size(gm, example_inputs, names, training=False, whole=whole)
         try:
             return self._functionalized(gm, example_inputs, graph_id, names, whole)
         except dynamic.NotSpecializable as e:

@@ -102,11 +102,13 @@ class ParallelConfig:
     `_repeated_blocks`, as `compile_repeated_blocks()` does; without that list, the classes of
     its ModuleLists' items that hold attention) instead of the whole model: the first
     call of a 57-block model costs about what a 2-block one does, and a new resolution recompiles
-    a few small graphs (per class: one for whole inputs, one per layout of the token shards it is
-    handed). Between blocks the hidden states stay sharded (`cpfx.resident.TokenShards`): the
+    a few small graphs (per class, one per layout of the token shards it is handed; one for whole
+    inputs on the first call only: from then on the first block of a run is handed its part of
+    them). Between blocks the hidden states stay sharded (`cpfx.resident.TokenShards`): the
     next block takes its shard as it is; code between the blocks (embedders, final norm, hooks
-    outside the blocks) runs eagerly and all-gathers what it reads, once. A block graph gathers
-    its outputs on its first run, and always if the block has a graph break inside. Attention
+    outside the blocks) runs eagerly and all-gathers what it reads, once. A block that writes to
+    its input in place leaves the write in the caller's tensor, as it would run alone. A block
+    with a graph break inside gathers its outputs. Attention
     outside the repeated blocks (refiner blocks, for instance) is not parallelized (reported,
     as any attention outside cpfx's graphs). Default off: the whole-model graph keeps the
     sequence sharded from the first token-wise op to the output."""
@@ -114,11 +116,14 @@ class ParallelConfig:
     dynamic: bool = False
     """Capture sizes symbolically, so that a new resolution (token length, frames, batch) costs a
     small fraction of a first call: Dynamo traces with the input dims marked dynamic
-    (`torch._dynamo.maybe_mark_dynamic`; dims that meet weights specialize), AOTAutograd
-    functionalizes once, and for each new set of sizes cpfx evaluates the traced size
-    expressions and plans a static graph (`cpfx.dynamic`). The first call costs more (symbolic
-    tracing: about 3x with `regional=True` on a 57-block Flux). Default off: every size static,
-    so a new resolution is a full recompile. Results are the same either way."""
+    (`torch._dynamo.maybe_mark_dynamic`; dims that meet weights specialize) and does not trace
+    again at a new set of sizes: cpfx plans a static graph for it (`cpfx.dynamic`). The whole
+    model's graph is functionalized once, symbolically, and its size expressions evaluated per
+    set of sizes; a regional block graph, small, is functionalized again per set of sizes (less
+    work at the first call). The first call costs more (symbolic tracing: on a 57-block Flux with
+    `regional=True`, about 1.3x the static first call; a new resolution then costs about a fifth
+    of it). Default off: every size static, so a new resolution is a full recompile. Results are
+    the same either way."""
 
     def __post_init__(self) -> None:
         _choice(self, "ring_rotate", ("allgather", "p2p"))

@@ -29,6 +29,9 @@ from cpfx.debug import counters
 from cpfx.sharding.layout import Layout
 
 
+CARRIER_OFFSET = 2
+"""Added to the values a carrier's sizes stand for (`block_args`)."""
+
 BLOCK_FRAME = "_call_block"
 """The name of the function the regional path compiles per block class (`cpfx.api`)."""
 
@@ -72,11 +75,19 @@ def _gather(local: torch.Tensor, dim: int, layout: Layout, group: str) -> torch.
     )
 
 
+def _group_rank(group: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group).rank()  # type: ignore[arg-type]  # NewType of str
+
+
 @torch.library.custom_op("cpfx::resident", mutates_args=())
 def resident(local: torch.Tensor, dim: int, size: int, layout: list[int], group: str) -> torch.Tensor:
-    """The global value whose shard on this rank is `local` (an all-gather when run as it is;
-    the shard plan replaces it by `local`)."""
-    return _gather(local, dim, unflatten_layout(size, layout), group)
+    """The global value whose shard on this rank is `local`, or its first rows along `dim` (a
+    shard padded to the longest rank's length: `block_args`). An all-gather when run as it is;
+    the shard plan replaces it by the shard."""
+    lay = unflatten_layout(size, layout)
+    return _gather(local.narrow(dim, 0, lay.local_size(_group_rank(group))), dim, lay, group)
 
 
 @resident.register_fake
@@ -153,25 +164,98 @@ class _State(threading.local):
 state = _State()
 
 
-def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+class BlockClass:
+    """A repeated block class in regional mode: its compiled call, and which arguments its
+    instances were handed as token shards of an even layout. The first block of a run of blocks
+    gets whole tensors there (from the model's eager prologue); it is handed this rank's part of
+    them instead (a view, the whole tensor kept as its gathered value), so it runs the graph its
+    siblings run and no graph is compiled for whole inputs at a new resolution. The tensor the
+    caller holds stays what it was, and takes any in-place write the block makes (`write_back`).
+    Not in grad mode, where no shard stays resident."""
+
+    def __init__(self, compiled: Any, mesh: Any, uniform: bool) -> None:
+        self.compiled = compiled
+        self.world, self.rank, self.group = mesh.world, mesh.cp_rank, mesh.cp_group
+        self.uniform = uniform
+        """Hand shards in as every rank's alike (`block_args`): with sizes captured symbolically."""
+        self.shard_args: dict[Any, int] = {}
+        """Position or keyword -> token dim, of the arguments handed as shards before."""
+        self.broken: set[int] = set()
+        """Blocks (by id) of which a call ran other than one graph (a graph break): their
+        outputs are gathered, so a shard handed to them buys nothing."""
+
+    def note(self, specs: tuple[Any, ...], held: list[TokenShards]) -> None:
+        for (key, dim, _group), t in zip(specs, held):
+            if key not in self.shard_args and t.shard_layout == Layout.even(
+                t.shard_layout.size, self.world
+            ):
+                self.shard_args[key] = dim
+
+    def ran(self, block: Any, graphs: int) -> None:
+        if graphs != 1:
+            self.broken.add(id(block))
+
+    def shard_like_before(
+        self, block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not self.shard_args or id(block) in self.broken or torch.is_grad_enabled():
+            return args, kwargs
+        a = list(args)
+        for key, dim in self.shard_args.items():
+            src: Any = a if isinstance(key, int) else kwargs
+            if isinstance(key, int) and key >= len(a) or isinstance(key, str) and key not in src:
+                continue
+            x = src[key]
+            if (
+                type(x) is not torch.Tensor
+                or x.requires_grad
+                or x.dim() <= dim
+                or x.shape[dim] < self.world
+            ):
+                continue
+            layout = Layout.even(x.shape[dim], self.world)
+            ((start, n),) = layout.pieces(self.rank)
+            t = TokenShards(_canonical(x.narrow(dim, start, n)), dim, layout, self.group)
+            t._full = x
+            counters["resident"]["sharded_in"] += 1
+            src[key] = t
+        return tuple(a), kwargs
+
+
+def block_args(
+    args: tuple[Any, ...], kwargs: dict[str, Any], uniform: bool = False
+) -> tuple[Any, ...]:
     """Split a block call's arguments: (resident specs, tensors, args and kwargs with each
-    `TokenShards` left as None, the `TokenShards` in spec order). A spec is (position or keyword,
-    dim, group); its tensors are the shard and a carrier of no elements whose sizes are the global
-    size and the flat layout (sizes, not ints, so that a capture with symbolic sizes keeps them
-    symbolic: a new resolution gives new values, not a guard failure)."""
+    `TokenShards` left as None, (each `TokenShards`, the tensor handed in for it) in spec order).
+    A spec is (position or keyword, dim, group); its tensors are the shard and a carrier of no
+    elements whose sizes are the global size and the flat layout (sizes, not ints, so that a
+    capture with symbolic sizes keeps them symbolic: a new resolution gives new values, not a
+    guard failure).
+
+    `uniform`: each shard goes in as a tensor of its own, as long as the longest rank's shard
+    (padded at the end). Dynamo guards what it sees of its inputs; with sizes captured
+    symbolically, a shard's length (one rank's a 1, or equal to some other size) or its offset
+    in a joint tensor would make those guards differ between ranks, and one rank would capture
+    again while the others run their graph, each waiting for the other. Alike, every rank
+    decides alike."""
     specs: list[tuple[Any, ...]] = []
     shards: list[torch.Tensor] = []
-    held: list[TokenShards] = []
+    held: list[tuple[TokenShards, torch.Tensor]] = []
 
     def take(key: Any, x: Any) -> Any:
         if isinstance(x, TokenShards):
             counters["resident"]["passed_in"] += 1
-            held.append(x)
             lay = x.shard_layout
+            local = x.shard
+            if uniform:
+                local = _uniform(local, x.shard_dim, lay)
+            held.append((x, local))
             specs.append((key, x.shard_dim, x.shard_group))
-            shards.append(x.shard)
-            sizes = (lay.size, *flatten_layout(lay), 0)
-            # zero strides: a contiguous stride would be the product of the sizes (overflows)
+            shards.append(local)
+            # Each value plus CARRIER_OFFSET: Dynamo would specialize a 0 or a 1 (a start, a
+            # one-token piece), capturing again when it changes. Zero strides: a contiguous
+            # stride would be the product of the sizes (overflows).
+            sizes = (*(v + CARRIER_OFFSET for v in (lay.size, *flatten_layout(lay))), 0)
             shards.append(x.shard.new_empty_strided(sizes, (0,) * len(sizes)))
             return None
         if isinstance(x, (list, tuple, dict)):  # shards inside containers go in whole
@@ -181,6 +265,17 @@ def block_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
     new_args = tuple(take(i, a) for i, a in enumerate(args))
     new_kwargs = {k: take(k, v) for k, v in kwargs.items()}
     return tuple(specs), tuple(shards), (new_args, new_kwargs), held
+
+
+def _uniform(local: torch.Tensor, dim: int, layout: Layout) -> torch.Tensor:
+    longest = max(layout.local_size(r) for r in range(layout.world))
+    if local.shape[dim] == longest and local.storage_offset() == 0:
+        return local
+    shape = list(local.shape)
+    shape[dim] = longest
+    out = local.new_zeros(shape)
+    out.narrow(dim, 0, local.shape[dim]).copy_(local)
+    return out
 
 
 def fill(
@@ -193,7 +288,7 @@ def fill(
     values = []
     for i, (key, dim, group) in enumerate(specs):
         local, carrier = shards[2 * i], shards[2 * i + 1]
-        size, *flat = carrier.shape[:-1]
+        size, *flat = (v - CARRIER_OFFSET for v in carrier.shape[:-1])
         x = RESIDENT(local, dim, size, flat, group)
         values.append(x)
         if isinstance(key, int):
@@ -203,15 +298,16 @@ def fill(
     return tuple(a), kwargs, values
 
 
-def write_back(held: list[TokenShards], values: tuple[Any, ...]) -> None:
+def write_back(held: list[tuple[TokenShards, torch.Tensor]], values: tuple[Any, ...]) -> None:
     """After a block call: each `TokenShards` the block was handed takes the value the block left
     in it, as an in-place write to a whole input would reach the caller. `values` are what the
-    block's graph returned for them: the same shard when the block did not write to it (no work),
-    else the new value, as token shards or whole (a graph break in the block gathers)."""
-    for t, v in zip(held, values):
+    block's graph returned for them: the shard it was handed when the block did not write to it
+    (no work), else the new value, as token shards or whole (a graph break in the block
+    gathers)."""
+    for (t, given), v in zip(held, values):
         if isinstance(v, TokenShards):
             if (
-                v.shard.data_ptr() == t.shard.data_ptr()
+                v.shard.data_ptr() == given.data_ptr()
                 and v.shard.shape == t.shard.shape
                 and v.shard_dim == t.shard_dim
                 and v.shard_layout == t.shard_layout
@@ -230,10 +326,7 @@ def write_back(held: list[TokenShards], values: tuple[Any, ...]) -> None:
 
 
 def _local_part(full: torch.Tensor, dim: int, layout: Layout, group: str) -> torch.Tensor:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    rank = _resolve_process_group(group).rank()  # type: ignore[arg-type]  # NewType of str
-    pieces = [full.narrow(dim, s, n) for s, n in layout.pieces(rank)]
+    pieces = [full.narrow(dim, s, n) for s, n in layout.pieces(_group_rank(group))]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 

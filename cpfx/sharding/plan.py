@@ -242,6 +242,11 @@ def _resident_local(local: torch.Tensor, *spec: Any) -> torch.Tensor:
     return local
 
 
+def _resident_padded(local: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """The local form of `cpfx::resident` for a shard handed in padded: its first rows."""
+    return local.narrow(dim, 0, length)
+
+
 def propagate(
     graph: fx.Graph,
     seeds: dict[fx.Node, int],
@@ -277,7 +282,18 @@ def propagate(
         if n.op == "call_function" and n.target is RESIDENT:
             dim, size, flat = n.args[1], n.args[2], n.args[3]
             shard = Shard(dim, unflatten_layout(size, list(flat)))
-            dec = Decision((REPLICATE,), shard, target=_resident_local, rule="resident shard")
+            local, length = val(n.args[0]), shard.layout.local_size(rank)
+            if local.shape[dim] == length:
+                dec = Decision((REPLICATE,), shard, target=_resident_local, rule="resident shard")
+            else:
+                given = Operand(0, tuple(local.shape), local.dtype, REPLICATE)
+                dec = Decision(
+                    (REPLICATE,),
+                    shard,
+                    args=(given, dim, length),
+                    target=_resident_padded,
+                    rule="resident shard (handed in padded)",
+                )
             nodes[n] = NodePlan(shard, dec, cheap=False)  # its global value needs a gather
             n.meta["cpfx_plan"] = nodes[n]
             continue

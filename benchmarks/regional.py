@@ -8,7 +8,7 @@ every rank: `ParallelConfig(regional=False)`; `regional=True`; and `regional=Tru
 block graph gathering its outputs (how regional blocks ran before their shards stayed resident:
 the runner is told never to keep them); `regional=True, dynamic=True` (sizes captured
 symbolically, each graph a static variant). Each is checked against the single process, warmed up
-(a block graph keeps its shards from its second run on), then called in turns A B C C B A ...;
+(a block graph that is the whole block keeps its shards from its first run), then called in turns A B C C B A ...;
 a call's time is the slowest rank's. Medians of `--repeats` calls each.
 """
 

@@ -121,7 +121,7 @@ class ParallelConfig:
     model's graph is functionalized once, symbolically, and its size expressions evaluated per
     set of sizes; a regional block graph, small, is functionalized again per set of sizes (less
     work at the first call). The first call costs more (symbolic tracing: on a 57-block Flux with
-    `regional=True`, about 1.3x the static first call; a new resolution then costs about a fifth
+    `regional=True`, about 1.5x the static first call; a new resolution then costs about a fifth
     of it). Default off: every size static, so a new resolution is a full recompile. Results are
     the same either way."""
 

@@ -109,6 +109,11 @@ class TokenShards(torch.Tensor):
     shard_layout: Layout
     shard_group: str
     _full: torch.Tensor | None
+    _synced: tuple[int, int]
+    """The versions of this tensor and of `_full` when `shard` was last the part of `_full`:
+    eager code may write in place to this tensor or a view of it (a write through
+    `__torch_dispatch__` lands in `_full` below the version counters: this tensor's counts it),
+    or to `_full` (`current_shard`)."""
 
     @staticmethod
     def __new__(
@@ -121,6 +126,7 @@ class TokenShards(torch.Tensor):
         )
         t.shard, t.shard_dim, t.shard_layout, t.shard_group = shard, dim, layout, group
         t._full = None
+        t._synced = (0, 0)
         return t
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
@@ -128,8 +134,25 @@ class TokenShards(torch.Tensor):
     def full(self) -> torch.Tensor:
         if self._full is None:
             counters["resident"]["gathered"] += 1
-            self._full = _gather(self.shard, self.shard_dim, self.shard_layout, self.shard_group)
-        return self._full
+            self.set_full(
+                _gather(self.shard, self.shard_dim, self.shard_layout, self.shard_group)
+            )
+        return self._full  # type: ignore[return-value]
+
+    def set_full(self, full: torch.Tensor | None) -> None:
+        """`full` is the global value, of which `shard` is this rank's part."""
+        self._full = full
+        self._synced = (self._version, full._version if full is not None else 0)
+
+    def current_shard(self) -> torch.Tensor:
+        """`shard`, taken again from the global value if that was written to since."""
+        full = self._full
+        if full is not None and (self._version, full._version) != self._synced:
+            counters["resident"]["written_eagerly"] += 1
+            part = _local_part(full, self.shard_dim, self.shard_layout, self.shard_group)
+            self.shard = part.clone(memory_format=torch.contiguous_format)
+            self._synced = (self._version, full._version)
+        return self.shard
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]
@@ -216,7 +239,7 @@ class BlockClass:
             layout = Layout.even(x.shape[dim], self.world)
             ((start, n),) = layout.pieces(self.rank)
             t = TokenShards(_canonical(x.narrow(dim, start, n)), dim, layout, self.group)
-            t._full = x
+            t.set_full(x)
             counters["resident"]["sharded_in"] += 1
             src[key] = t
         return tuple(a), kwargs
@@ -246,7 +269,7 @@ def block_args(
         if isinstance(x, TokenShards):
             counters["resident"]["passed_in"] += 1
             lay = x.shard_layout
-            local = x.shard
+            local = x.current_shard()
             if uniform:
                 local = _uniform(local, x.shard_dim, lay)
             held.append((x, local))
@@ -298,31 +321,33 @@ def fill(
     return tuple(a), kwargs, values
 
 
-def write_back(held: list[tuple[TokenShards, torch.Tensor]], values: tuple[Any, ...]) -> None:
+def write_back(
+    held: list[tuple[TokenShards, torch.Tensor]],
+    values: tuple[Any, ...],
+    written: tuple[bool, ...],
+) -> None:
     """After a block call: each `TokenShards` the block was handed takes the value the block left
     in it, as an in-place write to a whole input would reach the caller. `values` are what the
-    block's graph returned for them: the shard it was handed when the block did not write to it
-    (no work), else the new value, as token shards or whole (a graph break in the block
-    gathers)."""
-    for (t, given), v in zip(held, values):
+    block's graph returned for them, as token shards or whole (a graph break in the block
+    gathers); `written`, whether the block wrote to them (from the trace's version counters,
+    the same on every rank: where a write is found, every rank takes it, collectives alike).
+    Whole values are always taken (no communication): after a graph break the flags may miss a
+    write made before it."""
+    for (t, _given), v, w in zip(held, values, written):
         if isinstance(v, TokenShards):
-            if (
-                v.shard.data_ptr() == given.data_ptr()
-                and v.shard.shape == t.shard.shape
-                and v.shard_dim == t.shard_dim
-                and v.shard_layout == t.shard_layout
-            ):
+            if not w:
                 continue  # the same shard handed back
             shard, dim, layout, full = v.shard, v.shard_dim, v.shard_layout, v._full
         else:
             dim, layout, full = t.shard_dim, t.shard_layout, v
             shard = _local_part(v, dim, layout, t.shard_group)
         counters["resident"]["written_back"] += 1
+        t.shard, t.shard_dim, t.shard_layout = shard, dim, layout
         if t._full is not None:  # views of the gathered value see the write, as in eager
             t._full.copy_(full if full is not None else v.full())
+            t.set_full(t._full)
         else:
-            t._full = full
-        t.shard, t.shard_dim, t.shard_layout = shard, dim, layout
+            t.set_full(full)
 
 
 def _local_part(full: torch.Tensor, dim: int, layout: Layout, group: str) -> torch.Tensor:

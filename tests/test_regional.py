@@ -339,3 +339,52 @@ def test_regional_block_writing_to_its_input_in_place(pools, graph_break):
         if not graph_break:  # the shards did stay resident (block 0 gets its part of the input)
             assert passed == 4 and res["last"]["sharded_in"] == 1, res
         assert passed >= 1 and res["last"].get("written_back", 0) == passed, res
+
+
+class _EagerWrites(torch.nn.Module):
+    """Eager code between the blocks writes to a block's output in place: through the tensor
+    (`mul_`) and through a view of it taken earlier (`v += 1`)."""
+
+    _repeated_blocks = ("_Blk",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(_Blk(16, False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        scale = torch.ones(1, 1, 16)
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, scale)
+            if i == 0:
+                h.mul_(0.5)
+            if i == 1:
+                v = h[:, :3]
+                v += 1.0
+        return h
+
+
+def eager_writes_between_blocks() -> dict[str, Any]:
+    import cpfx
+
+    fresh()
+    torch.manual_seed(0)
+    m = _EagerWrites().eval()
+    x = torch.randn(2, 17, 8)
+    with torch.no_grad():
+        ref = m(x)
+        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=True))
+        diffs = []
+        for _ in range(3):
+            cpfx.counters["resident"].clear()
+            diffs.append((m(x) - ref).abs().max().item())
+    return {"diffs": diffs, "last": dict(cpfx.counters["resident"])}
+
+
+@pytest.mark.ranks
+def test_regional_eager_writes_to_a_shard_between_blocks(pools):
+    """A write to a block's output in the eager code between blocks reaches the next block."""
+    for res in pools(2).run(eager_writes_between_blocks):
+        assert max(res["diffs"]) <= 1e-5, res
+        assert res["last"]["written_eagerly"] == 2 and res["last"]["passed_in"] == 4, res

@@ -14,6 +14,13 @@ failing that knowledge, a block call ran that graph and no other. Otherwise (a g
 the block, whose resumed code Dynamo would trace with a shard in hand) its outputs are gathered at
 once, as a graph without residency would. A parallelized model's returned value never holds a
 `TokenShards`.
+
+Writes keep their meaning. A block that writes in place to a shard it was handed (`x += ...`)
+returns the value it left there, and the caller's tensor takes it (`write_back`; whether it
+wrote comes from the version counters Dynamo traces, so every rank decides alike). Eager code
+that writes to a `TokenShards` or a view of it writes to the gathered value; the version
+counters show it, and the shard is taken again from that value before the next block reads it
+(`TokenShards.current_shard`).
 """
 
 from __future__ import annotations

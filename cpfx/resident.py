@@ -231,6 +231,13 @@ class BlockClass:
         if not self.shard_args or id(block) in self.broken or torch.is_grad_enabled():
             return args, kwargs
         a = list(args)
+        # Memory two arguments share: a block writing through one reads the write through the
+        # other, which two separate shards would not show.
+        storages = [
+            x.untyped_storage().data_ptr()
+            for x in (*a, *kwargs.values())
+            if type(x) is torch.Tensor and x.numel()
+        ]
         for key, dim in self.shard_args.items():
             src: Any = a if isinstance(key, int) else kwargs
             if isinstance(key, int) and key >= len(a) or isinstance(key, str) and key not in src:
@@ -241,6 +248,7 @@ class BlockClass:
                 or x.requires_grad
                 or x.dim() <= dim
                 or x.shape[dim] < self.world
+                or storages.count(x.untyped_storage().data_ptr()) > 1
             ):
                 continue
             layout = Layout.even(x.shape[dim], self.world)
@@ -271,8 +279,13 @@ def block_args(
     specs: list[tuple[Any, ...]] = []
     shards: list[torch.Tensor] = []
     held: list[tuple[TokenShards, torch.Tensor]] = []
+    # One TokenShards in two places goes in whole (one tensor, as Dynamo sees an aliased input:
+    # a write through one place shows in the other)
+    seen = [id(x) for x in (*args, *kwargs.values()) if isinstance(x, TokenShards)]
 
     def take(key: Any, x: Any) -> Any:
+        if isinstance(x, TokenShards) and seen.count(id(x)) > 1:
+            return x.full()
         if isinstance(x, TokenShards):
             counters["resident"]["passed_in"] += 1
             lay = x.shard_layout

@@ -388,3 +388,54 @@ def test_regional_eager_writes_to_a_shard_between_blocks(pools):
     for res in pools(2).run(eager_writes_between_blocks):
         assert max(res["diffs"]) <= 1e-5, res
         assert res["last"]["written_eagerly"] == 2 and res["last"]["passed_in"] == 4, res
+
+
+class _Aliased(torch.nn.Module):
+    """Handed one tensor twice: writes through the first, attends over the second."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x[:, 1:] += 1.0
+        b, s, d = y.shape
+        q, k, v = self.qkv(y).view(b, s, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(b, s, d) + y
+
+
+class _AliasedStack(torch.nn.Module):
+    _repeated_blocks = ("_Aliased",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(_Aliased(16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, h)
+        return h
+
+
+def aliased_arguments() -> dict[str, Any]:
+    import cpfx
+
+    fresh()
+    torch.manual_seed(0)
+    m = _AliasedStack().eval()
+    x = torch.randn(2, 17, 8)
+    with torch.no_grad():
+        ref = m(x)
+        cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(regional=True))
+        diffs = [(m(x) - ref).abs().max().item() for _ in range(3)]
+    return {"diffs": diffs}
+
+
+@pytest.mark.ranks
+def test_regional_block_handed_one_tensor_twice(pools):
+    """A write through one argument shows in the other, as the two are one tensor."""
+    for res in pools(2).run(aliased_arguments):
+        assert max(res["diffs"]) <= 1e-5, res

@@ -154,8 +154,8 @@ def _block_call(cls: resident.BlockClass, block: nn.Module, *args: Any, **kwargs
     finally:
         st.block = outer
     if specs:
-        out, values, written = out
-        resident.write_back(held, values, written)
+        out, values = out
+        resident.write_back(held, values)
     cls.ran(block, len(ran))
     if len(ran) == 1:
         ran[0].resident_ok = True
@@ -171,11 +171,7 @@ def _call_block(  # named by resident.BLOCK_FRAME
     if not specs:
         return block._call_impl(*args, **kwargs)
     args, kwargs, values = resident.fill(specs, shards, args, kwargs)
-    before = [v._version for v in values]
-    out = block._call_impl(*args, **kwargs)
-    # Whether the block wrote to each: Python bools of the trace, alike on every rank
-    written = tuple(v._version != n for v, n in zip(values, before))
-    return out, values, written
+    return block._call_impl(*args, **kwargs), values
 
 
 def unwrap_errors(fn: Any) -> Any:

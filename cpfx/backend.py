@@ -224,6 +224,7 @@ class GraphRunner:
         self.gm, self.ctx, self.reference, self.keep_schedule = gm, ctx, reference, keep
         self.fn: Callable[..., Any] = gm.forward
         self.resident_outputs: dict[int, Any] = gm.meta.get("cpfx_resident_outputs", {})
+        self.resident_echo: frozenset[int] = gm.meta.get("cpfx_resident_echo", frozenset())
         """Output positions holding this rank's token shards (regional blocks): (dim, layout)."""
         self.resident_ok = False
         """Set when this graph is a whole block call (known at compile time, or once a block call
@@ -256,7 +257,9 @@ class GraphRunner:
         if not self.resident_outputs:
             return out
         keep = self.resident_ok and resident.state.in_model > 0
-        return resident.wrap_outputs(out, self.resident_outputs, self.ctx.mesh.cp_group, keep)
+        return resident.wrap_outputs(
+            out, self.resident_outputs, self.ctx.mesh.cp_group, keep, self.resident_echo
+        )
 
 
 def _input_name(n: fx.Node) -> str:

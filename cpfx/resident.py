@@ -116,6 +116,8 @@ class TokenShards(torch.Tensor):
     shard_layout: Layout
     shard_group: str
     _full: torch.Tensor | None
+    echo: bool
+    """A graph's output that is a shard it was handed, unchanged (`write_back`)."""
     _synced: tuple[int, int]
     """The versions of this tensor and of `_full` when `shard` was last the part of `_full`:
     eager code may write in place to this tensor or a view of it (a write through
@@ -134,6 +136,7 @@ class TokenShards(torch.Tensor):
         t.shard, t.shard_dim, t.shard_layout, t.shard_group = shard, dim, layout, group
         t._full = None
         t._synced = (0, 0)
+        t.echo = False
         return t
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
@@ -341,21 +344,17 @@ def fill(
     return tuple(a), kwargs, values
 
 
-def write_back(
-    held: list[tuple[TokenShards, torch.Tensor]],
-    values: tuple[Any, ...],
-    written: tuple[bool, ...],
-) -> None:
+def write_back(held: list[tuple[TokenShards, torch.Tensor]], values: tuple[Any, ...]) -> None:
     """After a block call: each `TokenShards` the block was handed takes the value the block left
     in it, as an in-place write to a whole input would reach the caller. `values` are what the
     block's graph returned for them, as token shards or whole (a graph break in the block
-    gathers); `written`, whether the block wrote to them (from the trace's version counters,
-    the same on every rank: where a write is found, every rank takes it, collectives alike).
-    Whole values are always taken (no communication): after a graph break the flags may miss a
-    write made before it."""
-    for (t, _given), v, w in zip(held, values, written):
+    gathers). A shard the graph hands back as it came (`TokenShards.echo`: the graph's output is
+    the `cpfx::resident` value itself, a fact of the graph, the same on every rank) was not
+    written: nothing to do. Any other value is taken, on every rank alike (its collectives
+    too); a whole value always (no communication)."""
+    for (t, _given), v in zip(held, values):
         if isinstance(v, TokenShards):
-            if not w:
+            if v.echo:
                 continue  # the same shard handed back
             shard, dim, layout, full = v.shard, v.shard_dim, v.shard_layout, v._full
         else:
@@ -392,13 +391,21 @@ def _canonical(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape, strides, t.storage_offset())
 
 
-def wrap_outputs(out: Any, layouts: dict[int, tuple[int, Layout]], group: str, keep: bool) -> Any:
+def wrap_outputs(
+    out: Any,
+    layouts: dict[int, tuple[int, Layout]],
+    group: str,
+    keep: bool,
+    echo: frozenset[int] = frozenset(),
+) -> Any:
     """A graph's outputs, with those at the positions in `layouts` (this rank's shards) as
-    `TokenShards`, gathered at once unless `keep`."""
+    `TokenShards`, gathered at once unless `keep`; those at `echo` are shards the graph was
+    handed, unchanged."""
     seq = list(out)
     for i, (dim, layout) in layouts.items():
         if keep:
             seq[i] = TokenShards(_canonical(seq[i]), dim, layout, group)
+            seq[i].echo = i in echo
         else:
             seq[i] = TokenShards(seq[i], dim, layout, group).full()
     return type(out)(seq) if isinstance(out, tuple) else seq

@@ -32,6 +32,7 @@ from cpfx.context import PassContext
 from cpfx.debug import counters
 from cpfx.errors import UnsupportedPatternError
 from cpfx.graph_utils import copy_origin_meta, module_path, splice, val, where
+from cpfx.resident import RESIDENT
 from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard, take_pieces
 from cpfx.sharding.plan import SDPA, ShardPlan, find_seeds, propagate, tensor_leaves
 from cpfx.sharding.rules import Operand
@@ -163,6 +164,16 @@ class _Applier:
 
     # --- applying decisions --------------------------------------------------------------
     def run(self) -> None:
+        # outputs that are a resident shard handed in, as it came (a regional block's arguments
+        # it did not write to: `cpfx.resident.write_back`), found before the rewrite replaces
+        # the `cpfx::resident` nodes
+        out_node = self.g.output_node()
+        given = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else ()
+        self.gm.meta["cpfx_resident_echo"] = frozenset(
+            i
+            for i, x in enumerate(given)
+            if isinstance(x, fx.Node) and x.op == "call_function" and x.target is RESIDENT
+        )
         for n in list(self.g.nodes):
             np_ = self.plan.nodes[n]
             if np_.decision is not None:

@@ -299,9 +299,9 @@ def block_args(
             specs.append((key, x.shard_dim, x.shard_group))
             shards.append(local)
             # Each value plus CARRIER_OFFSET: Dynamo would specialize a 0 or a 1 (a start, a
-            # one-token piece), capturing again when it changes. Zero strides: a contiguous
-            # stride would be the product of the sizes (overflows).
-            sizes = (*(v + CARRIER_OFFSET for v in (lay.size, *flatten_layout(lay))), 0)
+            # one-token piece), capturing again when it changes. The zero first and zero strides:
+            # the product of the other sizes overflows (numel, a contiguous stride).
+            sizes = (0, *(v + CARRIER_OFFSET for v in (lay.size, *flatten_layout(lay))))
             shards.append(x.shard.new_empty_strided(sizes, (0,) * len(sizes)))
             return None
         if isinstance(x, (list, tuple, dict)):  # shards inside containers go in whole
@@ -334,7 +334,7 @@ def fill(
     values = []
     for i, (key, dim, group) in enumerate(specs):
         local, carrier = shards[2 * i], shards[2 * i + 1]
-        size, *flat = (v - CARRIER_OFFSET for v in carrier.shape[:-1])
+        size, *flat = (v - CARRIER_OFFSET for v in carrier.shape[1:])
         x = RESIDENT(local, dim, size, flat, group)
         values.append(x)
         if isinstance(key, int):

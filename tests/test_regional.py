@@ -439,3 +439,24 @@ def test_regional_block_handed_one_tensor_twice(pools):
     """A write through one argument shows in the other, as the two are one tensor."""
     for res in pools(2).run(aliased_arguments):
         assert max(res["diffs"]) <= 1e-5, res
+
+
+@pytest.mark.graph
+def test_carrier_holds_a_long_layout_without_overflow():
+    """A shard's global size and layout travel as the sizes of an empty tensor (symbolic under
+    `dynamic=True`): a layout of many pieces of large values must not overflow its numel, and
+    no value may be 0 or 1 (Dynamo would specialize it)."""
+    from cpfx import resident
+    from cpfx.sharding.layout import Layout
+
+    size = 300_003
+    parts = [[(r * 1000 + k * 3000, 1000) for k in range(100)] for r in range(3)]
+    lay = Layout.make(size, [p + ([(300_000, 3)] if r == 0 else []) for r, p in enumerate(parts)])
+    shard = torch.zeros(1, lay.local_size(0), 4)
+    t = resident.TokenShards(shard, 1, lay, "group")
+    specs, shards, _, held = resident.block_args((t,), {})
+    carrier = shards[1]
+    assert specs == ((0, 1, "group"),) and held[0][0] is t and carrier.numel() == 0
+    assert min(carrier.shape[1:]) >= 2
+    values = [v - resident.CARRIER_OFFSET for v in carrier.shape[1:]]
+    assert resident.unflatten_layout(values[0], values[1:]) == lay

@@ -460,3 +460,35 @@ def test_carrier_holds_a_long_layout_without_overflow():
     assert min(carrier.shape[1:]) >= 2
     values = [v - resident.CARRIER_OFFSET for v in carrier.shape[1:]]
     assert resident.unflatten_layout(values[0], values[1:]) == lay
+
+
+def regional_on_mesh(shape: tuple[int, ...], names: tuple[str, ...], dynamic: bool) -> dict[str, Any]:
+    """Regional Flux on a ring or ring x Ulysses mesh, two resolutions (odd tokens), each twice."""
+    import cpfx
+
+    fresh()
+    m, _ = build("flux", layers=2, single=2)
+    cases = []
+    with torch.no_grad():
+        for img in (37, 64):
+            kw = build("flux", img=img, layers=2, single=2)[1]
+            cases.append((kw, first_output(m(**kw))[0]))
+        cfg = cpfx.ParallelConfig(regional=True, dynamic=dynamic)
+        cpfx.parallelize(m, make_mesh(shape, names), cfg)
+        cpfx.counters["resident"].clear()
+        diffs = [(first_output(m(**kw))[0] - ref).abs().max().item() for kw, ref in cases + cases]
+    return {"diffs": diffs, "resident": dict(cpfx.counters["resident"])}
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize(
+    "shape,names,dynamic",
+    [((2,), ("ring",), True), ((2, 2), ("ring", "ulysses"), False)],
+    ids=["ring-dynamic", "usp-static"],
+)
+def test_regional_shards_on_ring_meshes(pools, shape, names, dynamic):
+    """Shards handed on, and first blocks handed their part, where attention is ring or hybrid."""
+    world = shape[0] * (shape[1] if len(shape) > 1 else 1)
+    for res in pools(world).run(regional_on_mesh, shape=shape, names=names, dynamic=dynamic):
+        assert max(res["diffs"]) <= 1e-5, res
+        assert res["resident"]["sharded_in"] >= 4 and res["resident"]["passed_in"] > 0, res

@@ -141,7 +141,7 @@ def _block_call(cls: resident.BlockClass, block: nn.Module, *args: Any, **kwargs
         )
     args, kwargs = cls.shard_like_before(block, args, kwargs)
     specs, shards, (args, kwargs), held = resident.block_args(args, kwargs, cls.uniform)
-    cls.note(specs, [t for t, _ in held])
+    cls.note(specs, held)
     if st.mark_sizes and specs:
         # A call without shards (the first block, on the first call) is captured static: later
         # calls hand that block shards. Where a class never gets any, Dynamo's own automatic

@@ -224,8 +224,9 @@ class GraphRunner:
         self.gm, self.ctx, self.reference, self.keep_schedule = gm, ctx, reference, keep
         self.fn: Callable[..., Any] = gm.forward
         self.resident_outputs: dict[int, Any] = gm.meta.get("cpfx_resident_outputs", {})
-        self.resident_echo: frozenset[int] = gm.meta.get("cpfx_resident_echo", frozenset())
         """Output positions holding this rank's token shards (regional blocks): (dim, layout)."""
+        self.resident_echo: frozenset[int] = gm.meta.get("cpfx_resident_echo", frozenset())
+        """Output positions that are a token shard the graph was handed, unchanged."""
         self.resident_ok = False
         """Set when this graph is a whole block call (known at compile time, or once a block call
         ran this graph alone): its shards may then stay resident."""

@@ -17,7 +17,7 @@ once, as a graph without residency would. A parallelized model's returned value 
 
 Writes keep their meaning. A block that writes in place to a shard it was handed (`x += ...`)
 returns the value it left there, and the caller's tensor takes it (`write_back`; whether it
-wrote comes from the version counters Dynamo traces, so every rank decides alike). Eager code
+wrote is a fact of its graph, so every rank decides alike). Eager code
 that writes to a `TokenShards` or a view of it writes to the gathered value; the version
 counters show it, and the shard is taken again from that value before the next block reads it
 (`TokenShards.current_shard`).
@@ -29,11 +29,13 @@ import threading
 from typing import Any
 
 import torch
+from torch._prims_common import make_contiguous_strides_for
 from torch.utils import _pytree as pytree
 
 from cpfx import comm
 from cpfx.debug import counters
 from cpfx.sharding.layout import Layout
+from cpfx.sharding.placement import take_pieces
 
 
 CARRIER_OFFSET = 2
@@ -267,7 +269,7 @@ def block_args(
     args: tuple[Any, ...], kwargs: dict[str, Any], uniform: bool = False
 ) -> tuple[Any, ...]:
     """Split a block call's arguments: (resident specs, tensors, args and kwargs with each
-    `TokenShards` left as None, (each `TokenShards`, the tensor handed in for it) in spec order).
+    `TokenShards` left as None, each `TokenShards` in spec order).
     A spec is (position or keyword, dim, group); its tensors are the shard and a carrier of no
     elements whose sizes are the global size and the flat layout (sizes, not ints, so that a
     capture with symbolic sizes keeps them symbolic: a new resolution gives new values, not a
@@ -281,7 +283,7 @@ def block_args(
     decides alike."""
     specs: list[tuple[Any, ...]] = []
     shards: list[torch.Tensor] = []
-    held: list[tuple[TokenShards, torch.Tensor]] = []
+    held: list[TokenShards] = []
     # One TokenShards in two places goes in whole (one tensor, as Dynamo sees an aliased input:
     # a write through one place shows in the other)
     seen = [id(x) for x in (*args, *kwargs.values()) if isinstance(x, TokenShards)]
@@ -295,7 +297,7 @@ def block_args(
             local = x.current_shard()
             if uniform:
                 local = _uniform(local, x.shard_dim, lay)
-            held.append((x, local))
+            held.append(x)
             specs.append((key, x.shard_dim, x.shard_group))
             shards.append(local)
             # Each value plus CARRIER_OFFSET: Dynamo would specialize a 0 or a 1 (a start, a
@@ -344,7 +346,7 @@ def fill(
     return tuple(a), kwargs, values
 
 
-def write_back(held: list[tuple[TokenShards, torch.Tensor]], values: tuple[Any, ...]) -> None:
+def write_back(held: list[TokenShards], values: tuple[Any, ...]) -> None:
     """After a block call: each `TokenShards` the block was handed takes the value the block left
     in it, as an in-place write to a whole input would reach the caller. `values` are what the
     block's graph returned for them, as token shards or whole (a graph break in the block
@@ -352,7 +354,7 @@ def write_back(held: list[tuple[TokenShards, torch.Tensor]], values: tuple[Any, 
     the `cpfx::resident` value itself, a fact of the graph, the same on every rank) was not
     written: nothing to do. Any other value is taken, on every rank alike (its collectives
     too); a whole value always (no communication)."""
-    for (t, _given), v in zip(held, values):
+    for t, v in zip(held, values):
         if isinstance(v, TokenShards):
             if v.echo:
                 continue  # the same shard handed back
@@ -370,8 +372,7 @@ def write_back(held: list[tuple[TokenShards, torch.Tensor]], values: tuple[Any, 
 
 
 def _local_part(full: torch.Tensor, dim: int, layout: Layout, group: str) -> torch.Tensor:
-    pieces = [full.narrow(dim, s, n) for s, n in layout.pieces(_group_rank(group))]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+    return take_pieces(full, dim, layout.pieces(_group_rank(group)))
 
 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
@@ -381,12 +382,8 @@ def _canonical(t: torch.Tensor) -> torch.Tensor:
     needed, only its strides restated)."""
     if not t.is_contiguous():
         return t.contiguous()
-    strides, step = [], 1
-    for n in reversed(t.shape):
-        strides.append(step)
-        step *= max(n, 1)
-    strides.reverse()
-    if tuple(strides) == t.stride():
+    strides = make_contiguous_strides_for(t.shape)
+    if strides == t.stride():
         return t
     return t.as_strided(t.shape, strides, t.storage_offset())
 

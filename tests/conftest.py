@@ -6,6 +6,30 @@ from cpfx.testing.launch import Pool
 
 _pools: dict[int, Pool] = {}
 
+_VERSIONS = ("torch", "diffusers", "transformers", "peft", "cache-dit", "kernels", "triton", "numpy")
+
+
+def _versions() -> str:
+    import importlib.metadata
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+
+    return "cpfx deps: " + ", ".join(f"{n} {version(n)}" for n in _VERSIONS)
+
+
+def pytest_report_header(config):
+    """The versions the run used, so that a failure report carries them."""
+    return _versions()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The same line above the closing counts (the header is hidden under `-q`)."""
+    terminalreporter.write_line(_versions())
+
 
 def pool(world: int) -> Pool:
     """The session's persistent pool of `world` gloo ranks (started on first use)."""

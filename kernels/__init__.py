@@ -1,1 +1,0 @@
-"""cpfx compute kernels (Triton on CUDA, torch reference elsewhere)."""

@@ -1,1 +1,0 @@
-"""cpfx graph passes, one per file."""

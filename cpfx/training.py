@@ -91,9 +91,14 @@ def derive_backward(
 
     _differentiable_copies(gm)
     if inductor:
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-        compiled = compile_fx(gm, example_inputs)
+        def inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kw: Any) -> Any:
+            if kw.get("is_backward"):
+                coalesce_gradient_sums(gm)
+            return compile_fx_inner(gm, example_inputs, **kw)
+
+        compiled = compile_fx(gm, example_inputs, inner_compile=inner)
         assert callable(compiled)  # compile_fx returns other things only in AOT export modes
         return compiled
 

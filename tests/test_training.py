@@ -74,6 +74,8 @@ def test_regional_gradients(pools):
 def test_inductor_gradients(pools):
     res = check(pools(2).run(train_grads, model="flux", config={"compile": True}))
     assert res["counters"]["lower_attention"]["ulysses"] >= 2
+    # inductor's backward also sends the parameters' gradient sums as one coalesced all-reduce
+    assert res["counters"]["training"]["gradient_sums_coalesced"] > 10
 
 
 def test_usp_2x2_gradients(pools):

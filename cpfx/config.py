@@ -61,13 +61,16 @@ class ParallelConfig:
     is what its peers expect to receive; raise `RankDivergenceError` naming ranks and shapes on a
     mismatch, before any of the graph's collectives runs."""
 
-    check_inputs: Literal["always", "first", "never"] = "first"
+    check_inputs: Literal["always", "first", "never"] = "always"
     """Cross-rank input check before each call, over cpfx's gloo check group (one all-gather of a
-    few hundred bytes): every call compares the call number, the model and the input shapes, dtypes
-    and non-tensor values (a skipped call or different shapes raise `RankDivergenceError` on every
-    rank); "first" also compares a hash of the input bytes on the first call of each input
-    signature, "always" on every call (one hashing pass over the inputs); "never" checks nothing.
-    `True` / `False` are accepted for now as "always" / "never" (deprecated)."""
+    few hundred bytes): every call compares the call number, the model, the input shapes, dtypes
+    and non-tensor values, and a hash of every input tensor's bytes ("always": one hashing pass
+    over the call's inputs, a small share of a call; `benchmarks/input_check.py`), so a skipped
+    call, different shapes or different values on some rank raise `RankDivergenceError` on every
+    rank. "first" hashes all inputs only on the first call of each input signature and inputs of
+    at most 4096 elements on later calls (cheaper, but a rank whose large inputs diverge later is
+    not caught); "never" checks nothing. `True` / `False` are accepted for now as "always" /
+    "never" (deprecated)."""
 
     timeout_s: float = 300.0
     """Timeout of cpfx's own cross-rank checks (a dead or stalled rank raises within it). The

@@ -144,6 +144,16 @@ def test_check_inputs_catches_rank_dependent_inputs(pools):
         assert "received different inputs" in r, r
 
 
+@pytest.mark.parametrize("config", [{}, {"regional": True}], ids=["default", "regional"])
+def test_rank_seeded_second_image_raises_under_the_default_check(pools, config):
+    """A first image with one seed everywhere, then latents (6,400 elements) from a generator
+    seeded with the rank: was silent under the default check (only inputs of at most 4,096
+    elements were hashed after a signature's first call), each rank a different wrong image."""
+    for r in pools(2).run(rank_seeded_second_call, config=config):
+        assert r["first"] == "ok", r
+        assert "received different inputs" in r["second"] and "hidden_states" in r["second"], r
+
+
 def test_no_send_left_pending_after_forward(pools):
     assert pools(2).run(ring_leaves_nothing_pending) == [0, 0]
 
@@ -223,6 +233,24 @@ def different_inputs() -> str:
     except cpfx.RankDivergenceError as e:
         return str(e)
     return "no error"
+
+
+def rank_seeded_second_call(config: dict) -> dict[str, str]:
+    fresh()
+    m, kw = build("flux", img=1600)  # hidden_states [1, 1600, 4]: 6,400 elements
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(**config))
+    out = {}
+    for call in ("first", "second"):
+        if call == "second":
+            g = torch.Generator().manual_seed(100 + dist.get_rank())
+            kw = {**kw, "hidden_states": torch.randn(kw["hidden_states"].shape, generator=g)}
+        try:
+            with torch.no_grad():
+                m(**kw)
+            out[call] = "ok"
+        except cpfx.RankDivergenceError as e:
+            out[call] = str(e)
+    return out
 
 
 def ring_leaves_nothing_pending() -> int:

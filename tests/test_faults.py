@@ -24,6 +24,20 @@ def test_two_threads_twenty_calls_exact(pools, mesh_name):
         assert res["pending"] == 0
 
 
+@pytest.mark.parametrize("mesh_name", ["ulysses", "ring"])
+def test_two_threads_with_different_latents_exact_or_raise_on_every_rank(pools, mesh_name):
+    """Two threads share a model; their requests differ only in large latents (8,192 elements,
+    same timestep). The ranks may take the calls in different orders: was 10 of 20 outputs wrong
+    per rank, silently. Now each output is its own request's single-process output, or that call
+    raised `RankDivergenceError`, on every rank alike."""
+    res = pools(2).run(threads_different_latents, mesh_name=mesh_name, calls=10)
+    for r in res:
+        assert r["max_diff"] <= 1e-5, r
+        assert all(e.startswith("RankDivergenceError") for e in r["errors"]), r["errors"][:2]
+        assert r["outputs"] + len(r["errors"]) == 20, r
+    assert res[0]["raised_at"] == res[1]["raised_at"], res
+
+
 def test_shape_mismatch_raises_on_every_rank(pools):
     for res in pools(2).run(shape_mismatch):
         assert res["error"] is not None, res
@@ -165,6 +179,54 @@ def threads(mesh_name: str, calls: int = 20, n_threads: int = 2) -> dict[str, An
     from cpfx import p2p
 
     return {"diffs": diffs, "errors": errors, "pending": len(p2p._pending_sends)}
+
+
+def threads_different_latents(mesh_name: str, calls: int) -> dict[str, Any]:
+    """Two threads calling one model, each with its own latents (the same on every rank)."""
+    import re
+    import threading
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux", img=2048)  # hidden_states [1, 2048, 4]: 8,192 elements
+    g = torch.Generator().manual_seed(7)
+    latents = [torch.randn(kw["hidden_states"].shape, generator=g) for _ in range(2)]
+    with torch.no_grad():
+        refs = [m(**{**kw, "hidden_states": x})[0] for x in latents]
+    cpfx.parallelize(m, make_mesh(names=(mesh_name,)))
+    with torch.no_grad():
+        m(**kw)  # compile once before the threads start
+    diffs: list[float] = []
+    errors: list[str] = []
+    raised_at: list[int] = []
+    start = threading.Barrier(2)
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        start.wait()
+        for _ in range(calls):
+            try:
+                with torch.no_grad():
+                    out = m(**{**kw, "hidden_states": latents[i]})[0]
+                diffs.append((out - refs[i]).abs().max().item())
+            except Exception as e:  # noqa: BLE001 - reported
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    found = re.search(r"in call (\d+) of", str(e))
+                    raised_at.append(int(found.group(1)) if found else -1)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return {
+        "max_diff": max(diffs, default=0.0),
+        "outputs": len(diffs),
+        "errors": errors,
+        "raised_at": sorted(raised_at),
+    }
 
 
 def shape_mismatch() -> dict[str, Any]:

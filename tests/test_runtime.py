@@ -68,7 +68,7 @@ def test_good_config_values_normalized():
     cfg = cpfx.ParallelConfig(skip_passes=["overlap"], timeout_s=20, dump_dir=os.curdir)
     assert cfg.skip_passes == ("overlap",) and cfg.timeout_s == 20.0
     assert isinstance(cfg.timeout_s, float) and math.isfinite(cfg.timeout_s)
-    assert cpfx.ParallelConfig().check_inputs == "first"
+    assert cpfx.ParallelConfig().check_inputs == "always"
     with pytest.warns(DeprecationWarning, match="check_inputs='always'"):
         assert cpfx.ParallelConfig(check_inputs=True).check_inputs == "always"
     with pytest.warns(DeprecationWarning):
@@ -251,6 +251,20 @@ def test_input_digest_sees_permutations_and_nan_payloads():
     # same bytes through a strided view and an odd-sized dtype
     assert torch.equal(tensor_digest(x.transpose(1, 2)), tensor_digest(x.transpose(1, 2).clone()))
     assert tensor_digest(torch.arange(7, dtype=torch.uint8)).shape == (2,)
+
+
+@pytest.mark.parametrize("numel", [5, 4096, (1 << 16) + 3, 3 * (1 << 16)])
+def test_input_digest_is_the_mix_of_every_word_whatever_the_chunking(numel):
+    """The chunked in-place digest (large inputs), the one-pass digest of small inputs and the
+    definition (`_mix` of every word and its position, summed) agree, across chunk edges."""
+    from cpfx.rankcheck import _mix, _small_digests, _words, tensor_digest
+
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    w = _words(x)
+    a, b = _mix(w, torch.arange(w.numel(), dtype=torch.int64))
+    want = torch.stack([a.sum(), b.sum()])
+    assert torch.equal(tensor_digest(x), want)
+    assert torch.equal(_small_digests([(0, x)], 1)[0], want)
 
 
 def test_take_pieces_accepts_no_pieces():

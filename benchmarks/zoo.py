@@ -1,6 +1,6 @@
 """Sweep every diffusers transformer class (`cpfx.testing.zoo`) through cpfx on gloo ranks.
 
-    python benchmarks/zoo.py [--cases a,b] [--strategies ulysses2,ring2,ulysses3,regional3,dynamic2,dynamic3r]
+    python benchmarks/zoo.py [--cases a,b] [--strategies ulysses2,ring2,ulysses3,regional3,dynamic2,dynamic3r,batch2]
                              [--json out.json] [--timeout S]
 
 For each case: the single-process reference (float32, eval, no_grad), plain
@@ -68,6 +68,8 @@ STRATEGIES: dict[str, Strategy] = {
     # Sizes captured symbolically; the graphs that run are static variants planned from them.
     "dynamic2": Strategy(2, ("ulysses",), {"dynamic": True}),
     "dynamic3r": Strategy(3, ("ulysses",), {"regional": True, "dynamic": True}, calls=3),
+    # The batch rows split across ranks (a batch-1 case is refused by name).
+    "batch2": Strategy(2, ("batch",)),
 }
 
 PRELOAD = [

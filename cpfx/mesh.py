@@ -14,9 +14,10 @@ from cpfx.errors import ConfigError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-KNOWN_DIMS = ("dp", "ring", "ulysses")
+KNOWN_DIMS = ("dp", "batch", "ring", "ulysses")
 """In this order, outermost first: `dp` (data parallel: different samples per slice, each slice its
-own context-parallel group), `ring`, `ulysses`."""
+own context-parallel group), `batch` (the rows of one call's batch split across ranks, the output
+gathered), `ring`, `ulysses`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class MeshInfo:
     dp_index: int = 0
     cp_ranks: tuple[int, ...] = ()
     """Global ranks of the context-parallel group, in its order."""
+    split: str = "tokens"
+    """What the group splits: "tokens" (the attention sequence: `ring`, `ulysses`) or "batch"
+    (the batch dim of attention and of everything that carries it: a `batch` mesh dim)."""
 
 
 def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
@@ -63,8 +67,9 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
     unknown = [n for n in names if n not in KNOWN_DIMS]
     if unknown:
         raise ConfigError(
-            f"cpfx: unknown mesh dim name(s) {unknown}; use 'ulysses' and/or 'ring', with 'dp' "
-            f"outermost for data parallelism (got mesh_dim_names={tuple(names)})"
+            f"cpfx: unknown mesh dim name(s) {unknown}; use 'ulysses' and/or 'ring' (the "
+            "sequence) or 'batch' (the batch rows), with 'dp' outermost for data parallelism "
+            f"(got mesh_dim_names={tuple(names)})"
         )
     if len(set(names)) != len(names):
         raise ConfigError(f"cpfx: mesh dim names repeat: {tuple(names)}")
@@ -82,11 +87,19 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
     flat = mesh.mesh.flatten().tolist()
     if flat != list(range(world)):
         raise ConfigError(f"cpfx: the mesh must list ranks 0..{world - 1} in order; got {flat}")
+    if "batch" in sizes and ("ring" in sizes or "ulysses" in sizes):
+        raise ConfigError(
+            f"cpfx: a 'batch' mesh dim is not yet combined with 'ring' or 'ulysses' (got "
+            f"mesh_dim_names={tuple(names)}); use a 1-D ('batch',) mesh (with 'dp' outside it), "
+            "or split the sequence only"
+        )
     here = mesh.get_coordinate()
     assert here is not None  # the mesh lists every rank: checked above
     coord = dict(zip(names, here))
     U, R, D = sizes.get("ulysses", 1), sizes.get("ring", 1), sizes.get("dp", 1)
     u, r, d = coord.get("ulysses", 0), coord.get("ring", 0), coord.get("dp", 0)
+    if "batch" in sizes:  # the batch dim takes the place of the sequence dims (checked above)
+        U, u = sizes["batch"], coord["batch"]
     cp_world = R * U
     base = d * cp_world
     if base + r * U + u != rank:
@@ -98,6 +111,8 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
     if D == 1:
         assert dist.group.WORLD is not None  # initialized: checked above
         cp_group = str(dist.group.WORLD.group_name)
+    elif "batch" in sizes:
+        cp_group = group("batch")
     elif R == 1 or U == 1:
         cp_group = group("ring" if R > 1 else "ulysses")
     else:
@@ -114,9 +129,9 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
         world=cp_world,
         cp_rank=rank - base,
         cp_group=cp_group,
-        ulysses=U,
+        ulysses=1 if "batch" in sizes else U,
         ring=R,
-        ulysses_index=u,
+        ulysses_index=0 if "batch" in sizes else u,
         ring_index=r,
         ulysses_group=group("ulysses"),
         ring_group=group("ring"),
@@ -126,4 +141,5 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
         dp=D,
         dp_index=d,
         cp_ranks=cp_ranks,
+        split="batch" if "batch" in sizes else "tokens",
     )

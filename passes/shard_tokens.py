@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from cpfx import comm, training
 from cpfx.context import PassContext
 from cpfx.debug import counters
-from cpfx.errors import UnsupportedPatternError
+from cpfx.errors import ConfigError, UnsupportedPatternError
 from cpfx.graph_utils import copy_origin_meta, module_path, splice, val, where
 from cpfx.resident import RESIDENT
 from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard, take_pieces
@@ -323,10 +323,27 @@ def _refuse_flex_attention(gm: fx.GraphModule) -> None:
             )
 
 
+def _refuse_small_batch(sdpas: list[fx.Node], world: int) -> None:
+    """A `batch` mesh dim gives each rank rows of the batch: every rank needs at least one (a
+    batch the dim does not divide is split unevenly, exactly)."""
+    for n in sdpas:
+        batch = val(n.args[0]).shape[0]
+        if batch < world:
+            raise ConfigError(
+                f"shard_tokens: the 'batch' mesh dim has {world} ranks, but attention at {where(n)} "
+                f"runs on a batch of {batch}: some rank would get no rows. Call the model with a "
+                f"batch of at least {world} (classifier-free guidance batched with the prompt, "
+                "several images per prompt), use a smaller 'batch' dim, or split the sequence "
+                "instead (a 'ulysses' or 'ring' mesh)."
+            )
+
+
 def shard_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     _refuse_flex_attention(gm)
     mesh = ctx.mesh
-    seeds, sdpas, short = find_seeds(gm.graph, mesh.world)
+    seeds, sdpas, short = find_seeds(gm.graph, mesh.world, mesh.split)
+    if mesh.split == "batch":
+        _refuse_small_batch(sdpas, mesh.world)
     log.info("shard_tokens: %d attention calls, %d seeds", len(sdpas), len(seeds))
     keep = ctx.config.regional and not ctx.training  # regional blocks hand shards on
     plan = propagate(gm.graph, seeds, mesh.cp_rank, mesh.world, _overrides(ctx), keep)

@@ -205,27 +205,31 @@ class _Seeds:
 
 
 def find_seeds(
-    graph: fx.Graph, world: int
+    graph: fx.Graph, world: int, split: str = "tokens"
 ) -> tuple[dict[fx.Node, int], list[fx.Node], set[fx.Node]]:
-    """Nodes where the attention sequence starts, with their token dim; the SDPA nodes; and those
-    of them whose queries are too short to split (every piece of their sequence has < 2 items)."""
+    """Nodes where the attention sequence starts (`split="tokens"`), or the attention batch
+    (`split="batch"`), with that dim; the SDPA nodes; and those of them whose queries are too
+    short to split (every piece of that dim has < 2 items)."""
     walk = _Seeds(world)
     seeds: dict[fx.Node, int] = {}
     short: set[fx.Node] = set()
     sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target == SDPA]
+    # [B, H, S, D]: the sequence is dim -2, the batch dim 0.
+    dim = (lambda x: 0) if split == "batch" else (lambda x: val(x).ndim - 2)
     for n in sdpas:
         q, k, v = n.args[:3]
-        sq = val(q).shape[-2]
+        sq = val(q).shape[dim(q)]
         if sq < 2:
             short.add(n)
             continue
-        from_q = walk.of(q, val(q).ndim - 2)
+        from_q = walk.of(q, dim(q))
         found = set(from_q)
-        if val(k).shape[-2] >= 2:
-            from_k = walk.of(k, val(k).ndim - 2)
-            if from_k & from_q:
-                # Keys share an origin with the queries: self (or joint) attention.
-                found |= from_k | walk.of(v, val(v).ndim - 2)
+        if val(k).shape[dim(k)] >= 2:
+            from_k = walk.of(k, dim(k))
+            if split == "batch" or from_k & from_q:
+                # Keys share an origin with the queries (self or joint attention), or the rows
+                # are the batch, which keys and queries always share.
+                found |= from_k | walk.of(v, dim(v))
         if all(val(node).shape[d] < 2 for node, d in from_q):
             short.add(n)
         for node, d in found:

@@ -64,7 +64,7 @@ def _node_flops(n: torch.fx.Node) -> int:
     from torch.utils.flop_counter import flop_registry
 
     name = getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
-    vals = [a.meta.get("val") for a in n.args if isinstance(a, torch.fx.Node)]
+    vals: list[Any] = [a.meta.get("val") for a in n.args if isinstance(a, torch.fx.Node)]
     out = n.meta.get("val")
     if name in _MATMULS and isinstance(out, torch.Tensor):
         w = vals[0] if name in ("mm", "bmm", "linear") else vals[1]  # the left operand

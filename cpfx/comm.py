@@ -34,6 +34,13 @@ def all_to_all(
     return tag(C10D.wait_tensor(t), cpfx_wait=role)
 
 
+def all_reduce(x: torch.Tensor, op: str, group_name: str, role: str = "reduce") -> torch.Tensor:
+    """The ranks' parts of a partial value reduced (`op`: "sum", "max", "min") on every rank."""
+    t = C10D.all_reduce(x.contiguous(), op, group_name)
+    tag(t, cpfx_collective="all_reduce", cpfx_role=role)
+    return tag(C10D.wait_tensor(t), cpfx_wait=role)
+
+
 def gathers_by_all_to_all(device_type: str, group_name: str) -> bool:
     """Whether an all-gather must be sent as an all-to-all: gloo on CUDA tensors. torch 2.11's
     gloo crashed the process (SIGSEGV) in `all_gather_into_tensor` on CUDA tensors on an H200,

@@ -65,7 +65,8 @@ def sent_bytes(gm: fx.GraphModule, mesh: MeshInfo) -> list[tuple[str, str, int]]
     """(kind, role, bytes this rank sends) per collective, from the local shapes in the graph.
 
     all_to_all: everything but the part kept locally; all_gather: the local block to each peer;
-    ring send/recv: the whole block."""
+    all_reduce: 2 (g - 1) / g of the block (a ring all-reduce); ring send/recv: the whole
+    block."""
     out = []
     for n in collective_nodes(gm):
         args: tuple[Any, ...] = n.args
@@ -81,6 +82,8 @@ def sent_bytes(gm: fx.GraphModule, mesh: MeshInfo) -> list[tuple[str, str, int]]
             nbytes = nbytes * (rows - kept) // max(rows, 1)
         elif "all_gather" in kind:
             nbytes = nbytes * (g - 1)
+        elif "all_reduce" in kind:
+            nbytes = 2 * nbytes * (g - 1) // g
         out.append((kind, n.meta.get("cpfx_role", ""), int(nbytes)))
     return out
 

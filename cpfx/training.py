@@ -51,6 +51,29 @@ def sum_grad(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _SumGrad.apply(x, group_name)
 
 
+class _ReducePartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+        out = comm.all_reduce(x, op, group_name)
+        ctx.op = op
+        if op != "sum":
+            ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.op == "sum":
+            return grad, None, None
+        x, out = ctx.saved_tensors
+        return grad * (x == out).to(grad.dtype), None, None
+
+
+def reduce_partial(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    """`comm.all_reduce(x, op, group_name)`; backward: a sum's parts each get the whole gradient,
+    a max's (min's) the gradient where the part reached the result."""
+    return _ReducePartial.apply(x, op, group_name)
+
+
 class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, layout: Any, rank: int,

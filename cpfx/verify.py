@@ -27,7 +27,7 @@ import torch.fx as fx
 from cpfx.context import PassContext
 from cpfx.errors import VerificationError
 from cpfx.graph_utils import where
-from cpfx.sharding.placement import Placement, local_value
+from cpfx.sharding.placement import Partial, Placement, local_value
 
 log = logging.getLogger(__name__)
 _NONE = 2**62
@@ -75,8 +75,8 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         tag = n.meta.get("cpfx_local_of")
-        if tag is None or tag[0] not in self.ref_env or isinstance(tag[1], tuple):
-            return out
+        if tag is None or tag[0] not in self.ref_env or isinstance(tag[1], (tuple, Partial)):
+            return out  # a rank's part of a partial value is checked after its all-reduce
         name, placement = tag
         pos = self.order.get(name, _NONE)
         if self.first is not None and pos >= self.first[0]:

@@ -104,8 +104,8 @@ class _Names:
     collectives and common names are known)."""
 
     def __init__(self, gm: fx.GraphModule | None = None) -> None:
-        names = {"all_to_all_single", "all_gather_into_tensor", "cpfx.ring_send_recv"}
-        names |= {"q", "k", "v", "qkv", "o", "kv", "gather", ""}
+        names = {"all_to_all_single", "all_gather_into_tensor", "all_reduce", "cpfx.ring_send_recv"}
+        names |= {"q", "k", "v", "qkv", "o", "kv", "gather", "reduce", ""}
         names |= {str(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8)}
         if gm is not None:
             names |= {collective_kind(n) for n in collective_nodes(gm)}
@@ -188,7 +188,7 @@ def _sizes_mismatch(
             sb = _shape(here[b])
             if sb is None or b == a:
                 continue
-            if "all_gather" in kind and sa != sb:
+            if ("all_gather" in kind or "all_reduce" in kind) and sa != sb:
                 return f"{what}: rank {a} contributes shape {sa}, rank {b} shape {sb}"
             if "all_to_all" in kind:
                 ins_a, _ = _splits(ra, world, len(group))

@@ -33,7 +33,14 @@ from cpfx.debug import counters
 from cpfx.errors import ConfigError, UnsupportedPatternError
 from cpfx.graph_utils import copy_origin_meta, module_path, splice, val, where
 from cpfx.resident import RESIDENT
-from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard, take_pieces
+from cpfx.sharding.placement import (
+    REPLICATE,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    take_pieces,
+)
 from cpfx.sharding.plan import SDPA, ShardPlan, find_seeds, propagate, tensor_leaves
 from cpfx.sharding.rules import Operand
 
@@ -42,9 +49,10 @@ PASS = "shard_tokens"
 
 
 def _sharded(p: Any) -> bool:
+    """Whether a rank holds something other than the global value (a shard, a partial value)."""
     if isinstance(p, tuple):
-        return any(isinstance(x, Shard) for x in p)
-    return isinstance(p, Shard)
+        return any(isinstance(x, (Shard, Partial)) for x in p)
+    return isinstance(p, (Shard, Partial))
 
 
 class _Applier:
@@ -62,7 +70,7 @@ class _Applier:
     # --- redistribution ------------------------------------------------------------------
     def placement(self, x: fx.Node) -> Placement:
         p = self.place.get(x, REPLICATE)
-        return p if isinstance(p, (Shard, Replicate)) else REPLICATE
+        return p if isinstance(p, (Shard, Replicate, Partial)) else REPLICATE
 
     def convert(self, x: fx.Node, need: Placement, before: fx.Node) -> fx.Node:
         cur = self.placement(x)
@@ -71,14 +79,20 @@ class _Applier:
         key = (x, need)
         if key not in self.memo:
             full = self.full_version(x) if isinstance(need, Replicate) else None
-            if full is not None:
+            if isinstance(cur, Partial):
+                y = self.reduce(x, cur, before)
+                if isinstance(need, Shard):
+                    y = self.slice(y, need, before)
+            elif full is not None:
                 y = full  # the global value is at hand (a seed, a cheap table): no gather
             elif isinstance(need, Replicate):
                 assert isinstance(cur, Shard)  # cur != need
                 y = self.gather(x, cur, before)
             elif isinstance(cur, Replicate):
+                assert isinstance(need, Shard)  # rules never ask for a partial operand
                 y = self.slice(x, need, before)
             else:
+                assert isinstance(need, Shard)
                 full = self.full_version(x)
                 if full is None:
                     full = self.convert(x, REPLICATE, before)
@@ -117,6 +131,20 @@ class _Applier:
         self.c["gather"] += 1
         log.debug("gather %s before %s (%s)", x.name, before.name, where(before))
         return g
+
+    def reduce(self, x: fx.Node, cur: Partial, before: fx.Node) -> fx.Node:
+        """All-reduce the ranks' parts of partial `x` into its global value."""
+        group = self.ctx.mesh.cp_group
+        if self.ctx.training:  # one node: AOTAutograd differentiates it with its own backward
+            r = _opaque(self.g, before, training.reduce_partial, [x, cur.op, group], origin=before)
+        else:
+            r = splice(self.g, before, comm.all_reduce, [x, cur.op, group], origin=before,
+                       pass_name=PASS)
+        r.meta["val"] = val(x)
+        r.meta["cpfx_reduce"] = (x.name, f"{before.name}: {where(before)}")
+        self.place[r] = REPLICATE
+        self.c["reduce"] += 1
+        return r
 
     def sum_grad(self, x: fx.Node, before: fx.Node) -> fx.Node:
         """Training: `x` (replicated) read by an op that produces a shard; its gradient from this

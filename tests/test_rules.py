@@ -20,7 +20,14 @@ import cpfx.ops  # noqa: F401
 from cpfx.graph_utils import sdpa_args
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
-from cpfx.sharding.placement import REPLICATE, Replicate, Shard, local_value
+from cpfx.sharding.placement import (
+    REPLICATE,
+    Partial,
+    Replicate,
+    Shard,
+    local_value,
+    reduce_partials,
+)
 from cpfx.sharding.rules import OpCall, Operand
 
 aten = torch.ops.aten
@@ -109,6 +116,7 @@ def check(op, args, kwargs=None) -> int:
     proved = 0
     for placements in _probes(tensors):
         decs = [rules.decide(_make_call(op, args, kwargs, placements, r)) for r in range(WORLD)]
+        parts = []
         for r, dec in enumerate(decs):
             call = _make_call(op, args, kwargs, placements, r)
             local = [local_value(x, p, r) for x, p in zip(tensors, dec.needs)]
@@ -122,11 +130,17 @@ def check(op, args, kwargs=None) -> int:
                 )
                 got = (dec.target or op)(*a, **k)
             placement = dec.out
+            if isinstance(placement, Partial):  # proven over the ranks' parts, below
+                assert all(d.out == placement for d in decs), (op, [d.out for d in decs])
+                parts.append(got)
+                continue
             want = (
                 [local_value(o, p, r) for o, p in zip(out, placement)]
                 if isinstance(out, (tuple, list)) else local_value(out, placement, r)
             )
             _equal(got, want, op)
+        if parts:  # the all-reduce of the ranks' parts is the global value
+            _equal(reduce_partials(parts, decs[0].out), out, op)
         if any(not isinstance(p, Replicate) for p in pytree.tree_leaves(decs[0].out)):
             proved += 1
     return proved
@@ -148,6 +162,13 @@ def _probes(tensors: list[torch.Tensor]):
                 }
                 if len(same) > 1:
                     yield same
+    if len(tensors) == 2:  # two operands sharded alike along dims of one length (contractions)
+        a, b = tensors
+        for d, n in enumerate(a.shape):
+            for e, m in enumerate(b.shape):
+                if n == m >= 2 and d - a.ndim != e - b.ndim:
+                    for lay in layouts(n):
+                        yield {0: Shard(d, lay), 1: Shard(e, lay)}
 
 
 # --- the sample table: one or more calls per registered op -----------------------------------
@@ -211,9 +232,11 @@ def samples() -> dict[Any, list[tuple[tuple, dict]]]:
         aten.layer_norm.default: [((x, [4], t(4), t(4), 1e-5), {})],
         aten.native_layer_norm.default: [((x, [4], t(4), t(4), 1e-5), {})],
         aten.rms_norm.default: [((x, [4], t(4), 1e-6), {})],
-        aten.mm.default: [((t(S, 4), t(4, 5)), {}), ((t(3, 4), t(4, S)), {})],
+        aten.mm.default: [((t(S, 4), t(4, 5)), {}), ((t(3, 4), t(4, S)), {}),
+                          ((t(3, S), t(S, 5)), {})],
         aten.addmm.default: [((t(5), t(S, 4), t(4, 5)), {}), ((t(S, 5), t(S, 4), t(4, 5)), {})],
         aten.bmm.default: [((t(S, 3, 4), t(S, 4, 2)), {}), ((t(2, S, 4), t(2, 4, 3)), {}),
+                           ((t(2, 3, S), t(2, S, 4)), {}),
                            ((t(2, 3, 4), t(2, 4, S)), {})],
         aten.convolution.default: [((t(S, 2, 5, 5), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1],
                                      False, [0, 0], 1), {})],
@@ -319,15 +342,33 @@ def test_a_wrong_rule_is_caught(monkeypatch):
         check(aten.cumsum.default, (t(2, S, 4), 1))
 
 
-def test_reductions_over_tokens_are_gathered():
-    """A per-tensor amax (a dynamic quantization scale) and a mean-pool over the tokens must not
-    be computed per shard."""
+def test_reductions_over_tokens_are_partial_or_gathered():
+    """A per-tensor amax (a dynamic quantization scale), a mean-pool and a sum over the tokens
+    are computed per shard as partial values (an all-reduce completes them); a scan, a variance
+    or a logsumexp over the tokens must not be, and is gathered."""
     x = t(2, S, 4)
-    for op, args in [(aten.amax.default, (x,)), (aten.mean.dim, (x, [1])),
-                     (aten.sum.dim_IntList, (x, [])), (aten.cumsum.default, (x, 1))]:
+    partial = [(aten.amax.default, (x,), "max"), (aten.mean.dim, (x, [1]), "sum"),
+               (aten.sum.dim_IntList, (x, []), "sum"), (aten.amin.default, (x, [1]), "min")]
+    for op, args, kind in partial:
+        call = _make_call(op, args, {}, {0: Shard(1, Layout.even(S, WORLD))}, 0)
+        dec = rules.decide(call)
+        assert dec.out == Partial(kind), op
+    for op, args in [(aten.cumsum.default, (x, 1)), (aten.logsumexp.default, (x, [1]))]:
         call = _make_call(op, args, {}, {0: Shard(1, Layout.even(S, WORLD))}, 0)
         dec = rules.decide(call)
         assert dec.needs == (REPLICATE,) and dec.out == REPLICATE, op
+
+
+def test_contraction_over_tokens_is_a_partial_sum():
+    """Linear attention's K^T V: both operands sharded along the contracted tokens alike."""
+    lay = Layout.even(S, WORLD)
+    call = _make_call(aten.bmm.default, (t(2, 3, S), t(2, S, 4)), {},
+                      {0: Shard(2, lay), 1: Shard(1, lay)}, 0)
+    assert rules.decide(call).out == Partial("sum")
+    other = Layout.even(S, WORLD).reversed()
+    call = _make_call(aten.bmm.default, (t(2, 3, S), t(2, S, 4)), {},
+                      {0: Shard(2, lay), 1: Shard(1, other)}, 0)
+    assert not isinstance(rules.decide(call).out, Partial)  # different layouts: not one sum
 
 
 def test_unknown_op_is_gathered():

@@ -213,11 +213,17 @@ def test_inplace_mask_write_is_kept():
 
 
 def test_per_tensor_amax_sees_all_tokens():
+    """A per-tensor amax over the sharded tokens: each rank's amax of its shard, then an
+    all-reduce of the maximum before the scale is used."""
     (gm,) = _graphs("per_tensor_quant")
     amax = [n for n in gm.graph.nodes if str(n.target) == "aten.amax.default"]
     assert amax and all(n.meta["val"].shape == () for n in amax)
-    # the reduction reads the whole sequence: its input is the replicated input, not a shard
-    assert all(n.args[0].meta["val"].shape[1] == 13 for n in amax)
+    assert all(n.args[0].meta["val"].shape[1] < 13 for n in amax)  # a shard of the 13 tokens
+    reduces = [n for n in gm.graph.nodes if "_c10d_functional.all_reduce" in str(n.target)]
+    assert len(reduces) == len(amax) and all(n.args[1] == "max" for n in reduces)
+    sources = [n.args[0].args[0] if "contiguous" in str(n.args[0].target) else n.args[0]
+               for n in reduces]
+    assert all(x in amax for x in sources)
 
 
 def test_queries_over_a_subrange_of_keys_are_parallel():

@@ -28,7 +28,19 @@ class Shard:
         return f"S({self.dim}, {self.layout.describe()})"
 
 
-Placement = Replicate | Shard
+@dataclasses.dataclass(frozen=True)
+class Partial:
+    """Every rank holds a value of the global shape; the global value is their reduction over the
+    group's ranks (`op`: "sum", "max" or "min"), e.g. a sum over the tokens of each rank's shard.
+    An all-reduce makes it replicated."""
+
+    op: str = "sum"
+
+    def __repr__(self) -> str:
+        return f"P({self.op})"
+
+
+Placement = Replicate | Shard | Partial
 REPLICATE = Replicate()
 
 
@@ -43,7 +55,18 @@ def take_pieces(x: torch.Tensor, dim: int, pieces: list[tuple[int, int]]) -> tor
 
 
 def local_value(x: torch.Tensor, p: Placement, rank: int) -> torch.Tensor:
-    """What rank `rank` holds of the global value `x` under placement `p` (tests, verifier)."""
+    """What rank `rank` holds of the global value `x` under placement `p` (tests, verifier). A
+    partial value is not a function of the global one: asking for it is an error."""
+    if isinstance(p, Partial):
+        raise ValueError(f"no rank's part of a partial value ({p}) follows from the global value")
     if isinstance(p, Shard):
         return take_pieces(x, p.dim, p.layout.pieces(rank))
     return x
+
+
+def reduce_partials(parts: list[torch.Tensor], p: Partial) -> torch.Tensor:
+    """The global value of the ranks' parts of a partial value (what the all-reduce computes)."""
+    stacked = torch.stack(parts)
+    if p.op == "sum":
+        return stacked.sum(0)
+    return stacked.amax(0) if p.op == "max" else stacked.amin(0)

@@ -31,7 +31,7 @@ from cpfx.graph_utils import val, where
 from cpfx.resident import RESIDENT, unflatten_layout
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
-from cpfx.sharding.placement import REPLICATE, Placement, Replicate, Shard
+from cpfx.sharding.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from cpfx.sharding.rules import Decision, OpCall, Operand
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,10 @@ def propagate(
             is_cheap = all(
                 cheap(x) for x, o in zip(tensor_leaves(n), call.operands) if o.shard is not None
             ) and (n.target in _CHEAP or rules.pointwise.is_pointwise(n.target))
-            nodes[n] = NodePlan(dec.out, dec if call.sharded else None, cheap=is_cheap)
+            partial_in = any(isinstance(plan.placement(x), Partial) for x in tensor_leaves(n))
+            # A partial operand looks replicated to the rule; the applier all-reduces it first.
+            recorded = dec if call.sharded or partial_in else None
+            nodes[n] = NodePlan(dec.out, recorded, cheap=is_cheap)
         np_ = nodes[n]
         if n in seeds and isinstance(np_.placement, Replicate) and isinstance(val(n), torch.Tensor):
             d = seeds[n]

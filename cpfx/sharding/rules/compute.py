@@ -1,11 +1,19 @@
 """Matmuls, normalizations, reductions and scans: token-wise exactly when they do not reduce, mix or
-contract over the token dim. A reduction over the tokens (a mean-pool, a per-tensor amax) gets no
-rule here: its operand is gathered, so every rank reduces over all tokens, as the single process.
+contract over the token dim. A sum, mean, amax or amin over the tokens, and a matmul contracting
+over them (linear attention's K^T V), run on each rank's shard and give a `Partial` value that an
+all-reduce completes (the order of the sum changes; the result stays within rounding). Other
+reductions over the tokens (var, logsumexp, prod, argmax, ...) get their operand gathered, so
+every rank reduces over all tokens, as the single process.
 """
 
 from __future__ import annotations
 
-from cpfx.sharding.placement import REPLICATE, Shard
+import math
+from typing import Any
+
+import torch
+
+from cpfx.sharding.placement import REPLICATE, Partial, Shard
 from cpfx.sharding.rules import Decision, OpCall, Operand, aten, n_outputs, norm_dim, register
 
 
@@ -50,7 +58,7 @@ def _rows_or_columns(a: Operand, b: Operand, rows: int) -> Decision | None:
 @register(aten.mm.default)
 def mm(call: OpCall) -> Decision | None:
     a, b = call.operands
-    return _rows_or_columns(a, b, 0)
+    return _contracted(a, b, 0) or _rows_or_columns(a, b, 0)
 
 
 @register(aten.addmm.default)
@@ -69,13 +77,23 @@ def addmm(call: OpCall) -> Decision | None:
     return Decision((bias_need, REPLICATE, b.placement), b.placement)
 
 
+def _contracted(a: Operand, b: Operand, rows: int) -> Decision | None:
+    """a @ b with a sharded along its columns (dim `rows` + 1) and b along its rows (`rows`) by
+    the same layout: each rank's product over its part of the contracted dim is a partial sum."""
+    sa, sb = a.shard, b.shard
+    if sa is None or sb is None or sa.dim != rows + 1 or sb.dim != rows or sa.layout != sb.layout:
+        return None
+    return Decision((a.placement, b.placement), Partial("sum"), rule="contract_partial")
+
+
 def _bmm(a: Operand, b: Operand) -> Decision | None:
-    """[Bt, M, K] @ [Bt, K, N]: token-wise in the batch, the rows of a, or the columns of b."""
+    """[Bt, M, K] @ [Bt, K, N]: token-wise in the batch, the rows of a, or the columns of b; a
+    partial sum when both are sharded along K."""
     for x in (a, b):
         if x.shard is not None and x.shard.dim == 0:
             p = Shard(0, x.shard.layout)
             return Decision((p, p), p)
-    return _rows_or_columns(a, b, 1)
+    return _contracted(a, b, 1) or _rows_or_columns(a, b, 1)
 
 
 @register(aten.bmm.default)
@@ -121,16 +139,63 @@ def _dims(call: OpCall, i: int, name: str) -> list[int] | None:
     return [norm_dim(k, max(x.ndim, 1)) for k in dims]
 
 
-@register(
-    aten.sum.dim_IntList,
-    aten.mean.dim,
-    aten.amax.default,
-    aten.amin.default,
-    aten.any.dims,
-    aten.logsumexp.default,
-)
+@register(aten.any.dims, aten.logsumexp.default)
 def reduce_dims(call: OpCall) -> Decision | None:
     return _along(call, _dims(call, 1, "dim"), bool(call.arg(2, "keepdim", False)))
+
+
+_PARTIAL_OP = {
+    aten.sum.dim_IntList: "sum",
+    aten.mean.dim: "sum",
+    aten.amax.default: "max",
+    aten.amin.default: "min",
+}
+
+
+@register(*_PARTIAL_OP)
+def reduce_partial(call: OpCall) -> Decision | None:
+    """Along other dims: token-wise. Over the token dim (among others): each rank reduces its
+    shard, a partial value (a mean divides its partial sum by the global count; an empty shard
+    gives the reduction's identity)."""
+    dims, keepdim = _dims(call, 1, "dim"), bool(call.arg(2, "keepdim", False))
+    d = _along(call, dims, keepdim)
+    x = call.operands[0]
+    if d is not None or x.shard is None or any(o.shard for o in call.operands[1:]):
+        return d
+    dims = list(range(x.ndim)) if dims is None else dims  # none given: every dim
+    count = math.prod(x.shape[k] for k in dims)
+    empty = x.shard.layout.local_size(call.rank) == 0  # its identity, of the output's shape
+    args = (x, dims, keepdim, call.target, count, call.kwargs.get("dtype"),
+            call.out if empty else None)
+    needs = (x.placement, *(REPLICATE for _ in call.operands[1:]))
+    return Decision(needs, Partial(_PARTIAL_OP[call.target]), args=args, kwargs={},
+                    target=local_reduce, rule="reduce_partial")
+
+
+def local_reduce(
+    x: torch.Tensor,
+    dims: list[int],
+    keepdim: bool,
+    op: Any,
+    count: int,
+    dtype: Any,
+    empty_shape: tuple[int, ...] | None,
+) -> torch.Tensor:
+    """One rank's part of a reduction over dims that include the sharded one (`empty_shape`:
+    this rank's shard is empty, and a max or min gives its identity of that shape)."""
+    if op is aten.mean.dim:
+        return torch.ops.aten.sum.dim_IntList(x, dims, keepdim, dtype=dtype) / count
+    if op is aten.sum.dim_IntList:
+        return torch.ops.aten.sum.dim_IntList(x, dims, keepdim, dtype=dtype)
+    if empty_shape is not None:
+        floating = x.dtype.is_floating_point
+        info = torch.finfo(x.dtype) if floating else torch.iinfo(x.dtype)
+        if op is aten.amin.default:
+            fill = math.inf if floating else info.max
+        else:
+            fill = -math.inf if floating else info.min
+        return x.new_full(list(empty_shape), fill)
+    return op(x, dims, keepdim)
 
 
 @register(aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.argmax.default, aten.argmin.default)

@@ -250,7 +250,7 @@ class _Applier:
                 if isinstance(x, fx.Node) and isinstance(p := self.placement(x), Shard)
             }
             return
-        self._count_attention(n, dec)
+        self._count_rule(n, dec)
         if dec.args is None and dec.kwargs is None and dec.target is None:
             self._substitute_leaves(n, local)
             n.meta["cpfx_local_of"] = (n.name, dec.out)
@@ -263,6 +263,9 @@ class _Applier:
                 dec.kwargs if dec.kwargs is not None else marked[1],
             ),
         )
+        # arguments that exchange rows among the ranks learn the group here (rules see no mesh)
+        group = self.ctx.mesh.cp_group
+        args = [a.bind_group(group) if hasattr(a, "bind_group") else a for a in args]
         target = dec.target if dec.target is not None else n.target
         if isinstance(target, torch._ops.OpOverload):
             n.target, n.args, n.kwargs = target, tuple(args), dict(kwargs)
@@ -310,10 +313,12 @@ class _Applier:
         new.meta["cpfx_plan"] = old.meta.get("cpfx_plan")
         copy_origin_meta(new, old, PASS)
 
-    def _count_attention(self, n: fx.Node, dec: Any) -> None:
-        if n.target != SDPA:
-            return
-        self.c[dec.rule if dec.rule.startswith("attention") else "attention_gathered"] += 1
+    def _count_rule(self, n: fx.Node, dec: Any) -> None:
+        """Counters of the attentions and convolutions, by how they run."""
+        if n.target == SDPA:
+            self.c[dec.rule if dec.rule.startswith("attention") else "attention_gathered"] += 1
+        elif dec.rule.startswith("convolution"):
+            self.c[dec.rule] += 1
 
 
 def _opaque(

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import cpfx.ops  # noqa: F401
+from cpfx.halo import conv_rows, halo_convolution
 from cpfx.graph_utils import sdpa_args
 from cpfx.sharding import rules
 from cpfx.sharding.layout import Layout
@@ -95,6 +96,18 @@ def _simulate_attention(local, call, dec, tensors, rank):
     )
 
 
+def _simulate_halo(dec, tensors, rank):
+    """What `halo_convolution` computes on `rank`: the convolution over the input rows its halo
+    exchange assembles ([a, b) of the global input), cut to its output rows."""
+    x, *rest = dec.args
+    halo = dec.args[3]
+    assert halo.rank == rank
+    _, _, a, b = halo.span(rank)
+    rows = tensors[0].narrow(halo.dim, a, b - a)
+    w, bias = (tensors[o.index] if isinstance(o, Operand) else o for o in dec.args[1:3])
+    return conv_rows(rows, halo, aten.convolution.default, (w, bias, *dec.args[4:]))
+
+
 def _equal(got: Any, want: Any, op) -> None:
     if isinstance(want, (tuple, list)):
         assert len(got) == len(want)
@@ -122,6 +135,8 @@ def check(op, args, kwargs=None) -> int:
             local = [local_value(x, p, r) for x, p in zip(tensors, dec.needs)]
             if dec.target is torch.ops.cpfx.sharded_attention.default:
                 got = _simulate_attention(local, call, dec, tensors, r)
+            elif dec.target is halo_convolution:  # the rows the exchange brings, from the global x
+                got = _simulate_halo(dec, tensors, r)
             else:
                 a, k = pytree.tree_map(
                     lambda x: local[x.index] if isinstance(x, Operand) else x,
@@ -238,8 +253,21 @@ def samples() -> dict[Any, list[tuple[tuple, dict]]]:
         aten.bmm.default: [((t(S, 3, 4), t(S, 4, 2)), {}), ((t(2, S, 4), t(2, 4, 3)), {}),
                            ((t(2, 3, S), t(2, S, 4)), {}),
                            ((t(2, 3, 4), t(2, 4, S)), {})],
-        aten.convolution.default: [((t(S, 2, 5, 5), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1],
-                                     False, [0, 0], 1), {})],
+        aten.convolution.default: [
+            ((t(S, 2, 5, 5), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1], False, [0, 0], 1), {}),
+            # "same" convolutions over sharded rows: 3x3, a dilated 5-tall kernel, 1x1, depthwise,
+            # 1-D and 3-D (rows of 7 over 3 ranks: halos longer than a shard included)
+            ((t(2, 2, S, 5), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1], False, [0, 0], 1), {}),
+            ((t(1, 2, S, 4), t(2, 2, 5, 1), None, [1, 1], [4, 0], [2, 1], False, [0, 0], 1), {}),
+            ((t(1, 4, S, 3), t(4, 4, 1, 1), t(4), [1, 1], [0, 0], [1, 1], False, [0, 0], 1), {}),
+            ((t(1, 4, S, 3), t(4, 1, 3, 3), t(4), [1, 1], [1, 1], [1, 1], False, [0, 0], 4), {}),
+            ((t(2, 3, S), t(2, 3, 3), t(2), [1], [1], [1], False, [0], 1), {}),
+            ((t(1, 2, S, 3, 4), t(2, 2, 3, 3, 3), None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False,
+              [0, 0, 0], 1), {}),
+            # not "same" along the rows, or strided: gathered
+            ((t(1, 2, S, 4), t(2, 2, 3, 3), None, [1, 1], [0, 1], [1, 1], False, [0, 0], 1), {}),
+            ((t(1, 2, S, 4), t(2, 2, 3, 3), None, [2, 1], [1, 1], [1, 1], False, [0, 0], 1), {}),
+        ],
         aten.group_norm.default: [((t(S, 4, 3), 2, t(4), t(4), 1e-5), {})],
         aten.sum.dim_IntList: [((x, [2]), {}), ((x, [1], True), {}), ((x, []), {})],
         aten.mean.dim: [((x, [-1], True), {}), ((x, [0]), {})],
@@ -357,6 +385,41 @@ def test_reductions_over_tokens_are_partial_or_gathered():
         call = _make_call(op, args, {}, {0: Shard(1, Layout.even(S, WORLD))}, 0)
         dec = rules.decide(call)
         assert dec.needs == (REPLICATE,) and dec.out == REPLICATE, op
+
+
+def _contiguous_layouts(n: int) -> list[Layout]:
+    """Rows in rank order with empty ranks: first, middle, last, all on one rank."""
+    a = n // 2
+    return [Layout.make(n, [[], [(0, a)], [(a, n - a)]]),
+            Layout.make(n, [[(0, a)], [], [(a, n - a)]]),
+            Layout.make(n, [[(0, 1)], [(1, n - 1)], []]),
+            Layout.make(n, [[], [(0, n)], []])]
+
+
+def test_convolution_halos_with_empty_and_single_row_shards(monkeypatch):
+    """The halo convolutions of the samples again, over layouts whose shards are empty or one row
+    (the exchange then skips a rank, or reaches past the neighbour)."""
+    monkeypatch.setitem(globals(), "layouts", _contiguous_layouts)
+    proved = sum(check(aten.convolution.default, args, kw)
+                 for args, kw in samples()[aten.convolution.default])
+    assert proved > 0
+
+
+def test_a_halo_too_short_is_caught(monkeypatch):
+    """The harness itself can fail: a halo one row short of the kernel's reach."""
+    from cpfx import halo
+
+    monkeypatch.setattr(halo.Halo, "span", lambda self, r: _short_span(self, r))
+    with pytest.raises(AssertionError):
+        check(aten.convolution.default,
+              (t(2, 2, S, 5), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1], False, [0, 0], 1))
+
+
+def _short_span(h, r):
+    pieces = h.layout.pieces(r)
+    s = pieces[0][0] if pieces else 0
+    e = s + sum(n for _, n in pieces)
+    return s, e, max(0, s - h.pad + 1), min(h.layout.size, e + h.pad - 1)
 
 
 def test_contraction_over_tokens_is_a_partial_sum():

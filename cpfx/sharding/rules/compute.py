@@ -13,8 +13,18 @@ from typing import Any
 
 import torch
 
+from cpfx.halo import Halo, contiguous_in_rank_order, halo_convolution
 from cpfx.sharding.placement import REPLICATE, Partial, Shard
-from cpfx.sharding.rules import Decision, OpCall, Operand, aten, n_outputs, norm_dim, register
+from cpfx.sharding.rules import (
+    Decision,
+    OpCall,
+    Operand,
+    aten,
+    n_outputs,
+    norm_dim,
+    out_shape,
+    register,
+)
 
 
 def _rows(call: OpCall, x_index: int, contract: int) -> Decision | None:
@@ -102,14 +112,38 @@ def bmm(call: OpCall) -> Decision | None:
     return _bmm(a, b)
 
 
-@register(aten.convolution.default, aten.group_norm.default)
+@register(aten.group_norm.default)
 def batch_parallel_only(call: OpCall) -> Decision | None:
-    """A convolution mixes neighbouring positions; a group norm normalizes over all positions of
-    one sample: both are token-wise only along the batch."""
+    """A group norm normalizes over all positions of one sample: token-wise only along the
+    batch."""
     x = call.operands[0]
     if x.shard is None or x.shard.dim != 0 or any(o.shard for o in call.operands[1:]):
         return None
     return Decision((x.placement, *(REPLICATE for _ in call.operands[1:])), x.placement)
+
+
+@register(aten.convolution.default)
+def convolution(call: OpCall) -> Decision | None:
+    """Along the batch: local. Along a spatial dim, for a stride-1 convolution that keeps the
+    length ("same" padding): each rank convolves its rows plus a halo of `padding` rows from its
+    neighbours (`cpfx.halo`). Anything else mixes rows across shards: gathered."""
+    x = call.operands[0]
+    if x.shard is None or any(o.shard for o in call.operands[1:]):
+        return None
+    if x.shard.dim == 0:
+        return batch_parallel_only(call)
+    (_, w, _), args = call.args[:3], call.args[3:]
+    stride, padding, dilation, transposed = args[:4]
+    j = x.shard.dim - 2
+    if transposed or j < 0 or stride[j] != 1:
+        return None
+    k, p, dil = w.shape[x.shard.dim], padding[j], dilation[j]
+    if 2 * p != dil * (k - 1) or not contiguous_in_rank_order(x.shard.layout):
+        return None
+    halo = Halo(x.shard.dim, x.shard.layout, p, call.rank, out_shape(call))
+    needs = (x.placement, *(REPLICATE for _ in call.operands[1:]))
+    return Decision(needs, x.placement, args=(*call.args[:3], halo, *args), kwargs={},
+                    target=halo_convolution, rule="convolution_halo" if p else "convolution_rows")
 
 
 def _along(call: OpCall, dims: list[int] | None, keepdim: bool) -> Decision | None:

@@ -233,7 +233,8 @@ def find_seeds(
         if all(val(node).shape[d] < 2 for node, d in from_q):
             short.add(n)
         for node, d in found:
-            if val(node).shape[d] >= 2:
+            # A constant (get_attr) stays whole; the op reading it slices it (free, the same).
+            if val(node).shape[d] >= 2 and node.op != "get_attr":
                 seeds.setdefault(node, d)
     return seeds, sdpas, short
 

@@ -66,6 +66,22 @@ def test_seeds_are_where_attention_batch_or_sequence_starts(split, dims):
     assert x in seeds and (text in seeds) == (split == "batch"), seeds
 
 
+def _scaled_rows(x: torch.Tensor) -> torch.Tensor:
+    q = x * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # a constant with one value per row
+    return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_a_constant_is_never_a_seed():
+    """A constant holding one value per batch row is sliced where it is read, never seeded (its
+    real value cannot be propagated as a fake: Chroma's batch plan failed on one)."""
+    from cpfx.sharding.plan import find_seeds
+
+    g = _aten_graph(_scaled_rows, torch.randn(2, 2, 6, 4))
+    seeds, _, _ = find_seeds(g, 2, "batch")
+    assert seeds and all(n.op == "placeholder" for n in seeds), seeds
+    assert any(n.op == "get_attr" for n in g.nodes)  # the constant is in the graph
+
+
 def test_batch_one_row_is_short():
     from cpfx.sharding.plan import find_seeds
 

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import linecache
 import logging
 import re
@@ -48,6 +49,7 @@ from cpfx.errors import (
     ConfigError,
     CpfxError,
     CpfxWarning,
+    InputError,
     RankDivergenceError,
     RecompileLimitError,
     UnsupportedPatternError,
@@ -63,7 +65,11 @@ SLOTS = 16
 SMALL = 4096
 """Tensor inputs of at most this many elements (timesteps, guidance, pooled embeddings) are
 hashed on every call: a rank that skipped or repeated a call differs in them."""
-_HEADER = 8 + 2 * SLOTS
+_DEVICES = 8
+"""Header column: bit i set where input i is misplaced (`misplaced_inputs`; i < 62)."""
+_FIELDS = 9
+"""int64 fields of the per-call header before the input digests."""
+_HEADER = _FIELDS + 2 * SLOTS
 _MAGIC = 0xCF0016
 _MAX_DIMS = 8
 _ATTENTION_OPS = frozenset(
@@ -349,9 +355,14 @@ class Runtime:
             first = sig not in self.seen
             self.calls += 1
             self.seq += 1
+            misplaced = misplaced_inputs(leaves, _device_type_of(self.model_ref))
             if self.info.check_group is not None and self.config.check_inputs != "never":
                 digest = first or self.config.check_inputs == "always"
-                self._cross_check(args, kwargs, leaves, sig, digest, first, grad_problem)
+                self._cross_check(
+                    args, kwargs, leaves, sig, (digest, first), grad_problem, misplaced
+                )
+            elif misplaced:
+                raise self._input_error(misplaced, None, leaves, args, kwargs)
             elif grad_problem:
                 raise CpfxError(grad_problem)
             n_graphs = len(self.graphs)
@@ -561,11 +572,12 @@ class Runtime:
         kwargs: dict[str, Any],
         leaves: list[Any],
         sig: Any,
-        digest: bool,
-        first: bool,
+        digest_first: tuple[bool, bool],
         grad_problem: str | None,
+        misplaced: list[int],
     ) -> None:
         info = self.info
+        digest, first = digest_first
         sig_hash = self._sig_hashes.get(sig)
         if sig_hash is None:
             if len(self._sig_hashes) > 256:
@@ -582,10 +594,15 @@ class Runtime:
             len(leaves),
             self._name_hash,
             grad,
+            sum(1 << min(i, 61) for i in misplaced),
         ]
         tensors = [
-            x if isinstance(x, torch.Tensor) and (digest or x.numel() <= SMALL) else None
-            for x in leaves
+            x
+            if isinstance(x, torch.Tensor)
+            and (digest or x.numel() <= SMALL)
+            and i not in misplaced  # a meta tensor has no bytes to hash
+            else None
+            for i, x in enumerate(leaves)
         ]
         digests = rankcheck.digest_rows(tensors, SLOTS, SMALL).reshape(-1)
         head = torch.cat([torch.tensor(fields, dtype=torch.int64), digests])
@@ -600,6 +617,8 @@ class Runtime:
             rankcheck.mark_dead(self.ranks, str(e))
             raise
         log.debug("cpfx input check: %.2f ms", (time.perf_counter() - t0) * 1e3)
+        if bool(rows[:, _DEVICES].any()):
+            raise self._input_error(misplaced, rows[:, _DEVICES], leaves, args, kwargs)
         if grad_problem:
             raise CpfxError(grad_problem)
         if bool(rows[:, 7].any()):
@@ -650,7 +669,7 @@ class Runtime:
                 "differ (e.g. a module attribute or adapter set changed on some ranks only)."
             )
         # Small inputs are hashed on every call, all of them when bit 0 is set.
-        digests = rows[:, 8:].reshape(world, SLOTS, 2)
+        digests = rows[:, _FIELDS:].reshape(world, SLOTS, 2)
         differs = (digests != digests[0]).any(dim=2)  # [world, SLOTS]
         if bool(differs.any()):
             names = _leaf_names(args, kwargs)
@@ -665,6 +684,43 @@ class Runtime:
                 "in the same order (a rank that skipped or repeated a call shows up here too)."
             )
         return None
+
+    def _input_error(
+        self,
+        misplaced: list[int],
+        column: torch.Tensor | None,
+        leaves: list[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> InputError:
+        """Names this rank's misplaced inputs (`misplaced_inputs`) and, from the header's
+        `_DEVICES` column when there is one, those of the other ranks."""
+        me = self.info.cp_rank
+        names = _leaf_names(args, kwargs)
+        name = lambda i: names[i] if i < len(names) else f"input #{i}"  # noqa: E731
+        ref = _device_type_of(self.model_ref) or _first_device_type(leaves)
+        parts = [_placement_text(name(i), leaves[i], ref) for i in misplaced]
+        bits = [int(b) for b in column] if column is not None else []
+        others = {
+            r: [name(i) for i in range(62) if b >> i & 1] for r, b in enumerate(bits) if r != me and b
+        }
+        if others:
+            per = "; ".join(f"rank {r}: {', '.join(n)}" for r, n in others.items())
+            parts.append(
+                f"rank(s) {sorted(others)} called it with inputs they cannot run, {per} (on the "
+                "meta device, or on another device type than the model; their errors say which)"
+            )
+        told = (
+            "Every rank raises this before any collective."
+            if column is not None
+            else "(cpfx's input check is off: the other ranks are not told.)"
+        )
+        return InputError(
+            f"cpfx: rank {me}: call {self.calls} of {self.model_name} cannot run: "
+            + "; ".join(parts)
+            + f". Pass every input on the model's device ({ref}) on every rank (a 0-d CPU tensor "
+            f"may stay on the CPU). {told}"
+        )
 
     def _shape_mismatch(
         self, rows: torch.Tensor, leaves: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -744,6 +800,64 @@ def _signature(spec: Any, leaves: list[Any]) -> tuple[Any, ...]:
         else:
             items.append(_value_text(x))
     return (spec, tuple(items))  # a TreeSpec hashes and compares by structure and keys
+
+
+def misplaced_inputs(leaves: list[Any], expected: str | None) -> list[int]:
+    """Indices of the tensor inputs cpfx cannot run: on the meta device, or on another device type
+    than `expected` (the model's; None: that of the first tensor input that is not a 0-d CPU
+    tensor). A 0-d CPU tensor goes with any device, as in torch. Device indexes are not compared
+    (ranks use different GPUs).
+
+    A meta input is an `InputError` naming it, not the error the single process would give: that
+    one comes from wherever in the model the meta tensor first meets a real one ("Tensor on device
+    cpu is not on the expected device meta!"; none at all for a model on the meta device), and
+    under Dynamo it becomes a tracing error with other words, so matching it would mean running
+    the model unparallelized first. cpfx cannot run a meta input in any case: it has no bytes to
+    hash for the input check nor to send in a collective. The header carries each rank's
+    misplaced inputs, so every rank raises, before any collective (the others would otherwise
+    wait in the input check for `timeout_s`)."""
+    out = []
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            continue
+        kind = x.device.type
+        if kind == "meta":
+            out.append(i)
+        elif kind == "cpu" and x.dim() == 0:
+            continue
+        elif expected is None:
+            expected = kind
+        elif kind != expected:
+            out.append(i)
+    return out
+
+
+def _device_type_of(model: torch.nn.Module) -> str | None:
+    """The device type of the model's first parameter (or buffer); None if it has neither."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device.type
+    return None
+
+
+def _first_device_type(leaves: list[Any]) -> str | None:
+    return next(
+        (
+            x.device.type
+            for x in leaves
+            if isinstance(x, torch.Tensor) and x.device.type != "meta"
+            and not (x.device.type == "cpu" and x.dim() == 0)
+        ),
+        None,
+    )
+
+
+def _placement_text(name: str, x: torch.Tensor, ref: str | None) -> str:
+    if x.device.type == "meta":
+        return (
+            f"{name} is on the meta device (a meta tensor holds no data: cpfx hashes every "
+            "input's bytes to compare the ranks' inputs, and its collectives send them)"
+        )
+    return f"{name} is on {x.device} (the model's inputs go on {ref})"
 
 
 def _value_text(x: Any) -> str:

@@ -66,6 +66,21 @@ def test_token_swap_and_nan_payload_caught(pools, kind):
         assert res["error"] and "ranks [1]" in res["error"] and "hidden_states" in res["error"]
 
 
+@pytest.mark.parametrize("on_meta", [[1], [0, 1]], ids=["rank-1", "every-rank"])
+def test_meta_input_named_on_every_rank(pools, on_meta):
+    """Was: a RuntimeError from cpfx's input digest ("cannot repeat_interleave a meta tensor ...")
+    on the meta ranks; with one meta rank the other waited in the input check for timeout_s."""
+    res = pools(2).run(meta_input, on_meta=on_meta, timeout_s=20.0)
+    for rank, r in enumerate(res):
+        assert r["error"].startswith("InputError: cpfx: rank"), r
+        assert "hidden_states" in r["error"] and r["seconds"] < 5.0, r
+        if rank in on_meta:
+            assert "hidden_states is on the meta device" in r["error"], r
+        else:
+            assert f"rank(s) {on_meta} called" in r["error"], r
+    assert pools(2).run(input_check_works) == ["ok", "ok"]  # the check group still works
+
+
 def test_one_rank_failing_to_compile_stops_every_rank_at_once(pools):
     """Was: the failing rank raised alone; the others waited the whole timeout, then were told a
     rank died."""
@@ -309,6 +324,38 @@ def token_swap(kind: str) -> dict[str, Any]:
     except cpfx.RankDivergenceError as e:
         return {"error": str(e)}
     return {"error": None}
+
+
+def meta_input(on_meta: list[int], timeout_s: float) -> dict[str, Any]:
+    """The ranks in `on_meta` pass hidden_states on the meta device."""
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    if dist.get_rank() in on_meta:
+        kw["hidden_states"] = kw["hidden_states"].to("meta")
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(timeout_s=timeout_s))
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(**kw)
+        err = "no error"
+    except Exception as e:  # noqa: BLE001 - the type is what is checked
+        err = f"{type(e).__name__}: {e}"
+    return {"error": err, "seconds": time.perf_counter() - t0}
+
+
+def input_check_works() -> str:
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh())
+    with torch.no_grad():
+        m(**kw)
+    return "ok"
 
 
 class _SelfAttention(torch.nn.Module):

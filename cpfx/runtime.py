@@ -112,6 +112,12 @@ class GraphRecord:
     call: int = 0
     """The model call that compiled it."""
     runs: int = 0
+    compile_id: str = ""
+    """Dynamo's id of the compile that made it ("0/1", as in guard failure reasons); empty for a
+    static variant of a symbolic graph (compiled by cpfx, not Dynamo)."""
+    failed: bool = False
+    """Its call failed before it ever ran through: it takes no recompile slot, and its reason is
+    not a recompile reason."""
 
     @property
     def collectives(self) -> list[str]:
@@ -204,8 +210,13 @@ class Runtime:
         self.ranks = self.info.cp_ranks or tuple(range(self.info.world))
         self.lock = rankcheck.call_lock(self.ranks)
         self.graphs: list[GraphRecord] = []
-        self.pending_reasons: list[str] = []
+        self.pending_reasons: list[tuple[str, str]] = []
+        """Dynamo's guard failures in this call: (compile id of the failed entry, reason)."""
         self.recompile_reasons: list[str] = []
+        self.failed_variants = 0
+        """Dynamo cache entries made by calls that failed (see `forget_failed`)."""
+        self.limit_setters: list[Callable[[int], None]] = []
+        """Set the per-region recompile limit of each compiled region (`compile_call`)."""
         self.seen: set[Any] = set()
         self.sig_calls: dict[Any, int] = {}
         """Calls per input signature (the first few mark size dims for Dynamo)."""
@@ -217,7 +228,8 @@ class Runtime:
         self.compiled: Callable[..., Any] | None = None
         """The Dynamo-compiled call (without these checks), for benchmarks."""
         self.patch_limit = False
-        """Older torch without a per-compile recompile_limit: set Dynamo's global one per call."""
+        """A torch without a per-compile recompile_limit (or where cpfx cannot raise it after a
+        failed call): Dynamo's global one is set around each call."""
         self._paths: dict[int, str] | None = None
         self._sig_hashes: dict[Any, int] = {}
         self._name_hash = rankcheck.text_hash(self.model_name)
@@ -233,20 +245,31 @@ class Runtime:
     # --- compile side --------------------------------------------------------------------
     def guard_fail(self, failure: Any) -> None:
         """Dynamo's guard_fail_fn: called (only when recompiling) with each failed guard."""
-        reason = _short_reason(str(getattr(failure, "reason", failure)))
+        raw = str(getattr(failure, "reason", failure))
+        found = re.match(r"\s*(\d+/\d+): ", raw)
+        reason = _short_reason(raw)
         code = getattr(failure, "orig_code", None)
         if code is not None:
             where = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
             reason = f"in {where}: {reason}"
-        self.pending_reasons.append(reason)
+        self.pending_reasons.append((found.group(1) if found else "", reason))
+
+    def _take_reason(self) -> str | None:
+        """The first guard failure of this call against a graph that did not fail (a failed
+        variant's guards failing is no reason to recompile: that variant never ran)."""
+        failed = {g.compile_id for g in self.graphs if g.failed and g.compile_id}
+        reason = next((r for cid, r in self.pending_reasons if cid not in failed), None)
+        self.pending_reasons.clear()
+        return reason
 
     def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        reason = self.pending_reasons[0] if self.pending_reasons else None
-        self.pending_reasons.clear()
+        reason = self._take_reason()
         captured = sum(1 for n in gm.graph.nodes if _is_sdpa(n))
         with self._compiling():
             fn = self.be(gm, example_inputs)
         rec = self._record(captured, reason)
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        rec.compile_id = str(compile_id) if compile_id is not None else ""
         variants = self.be.last_variants  # type: ignore[attr-defined]
         if variants is None:
             return self._wrap_graph(fn, lambda: rec)
@@ -366,6 +389,7 @@ class Runtime:
             elif grad_problem:
                 raise CpfxError(grad_problem)
             n_graphs = len(self.graphs)
+            self.pending_reasons.clear()  # a compile that failed in tracing left its reasons
             mark = self.config.dynamic and self._count(sig) <= dynamic.MARK_CALLS
             if mark and not self.config.regional:
                 dynamic.mark_sizes((args, kwargs))
@@ -377,6 +401,7 @@ class Runtime:
                     out = resident.materialize(out)
             except BaseException:
                 self.failed_calls += 1
+                self.forget_failed(n_graphs)
                 raise
             finally:
                 resident.state.in_model -= 1
@@ -388,6 +413,26 @@ class Runtime:
             elif len(self.graphs) > n_graphs:
                 self.seen.discard(sig)  # a recompile: observe the next call of this signature
             return out
+
+    def forget_failed(self, n_graphs: int) -> None:
+        """After a failed call: the graphs it compiled that never ran through (their first run
+        raised, e.g. float64 inputs to a float32 model) are marked failed. Dynamo keeps their
+        cache entries (a repeat of that call gets the same error without compiling), so each
+        region's recompile limit is raised by one per such entry: failed calls take no slot of
+        `max_recompiles`, and their guard failures are no recompile reason."""
+        new = [g for g in self.graphs[n_graphs:] if g.runs == 0 and not g.failed]
+        for g in new:
+            g.failed = True
+            if g.reason and g.reason in self.recompile_reasons:
+                self.recompile_reasons.remove(g.reason)
+            g.reason = None
+        entries = sum(1 for g in new if g.compile_id)
+        if entries:
+            self.failed_variants += entries
+            for set_limit in self.limit_setters:
+                set_limit(self.recompile_limit)
+            log.info("cpfx: %s: %d graph(s) of a failed call take no recompile slot",
+                     self.model_name, entries)
 
     def _count(self, sig: Any) -> int:
         n = self.sig_calls.get(sig, 0) + 1
@@ -543,13 +588,13 @@ class Runtime:
     def recompile_limit(self) -> int:
         """Dynamo's limit for each of this model's compiled regions: `max_recompiles` graphs, or
         for a regional block class `max_recompiles` input signatures of `REGIONAL_VARIANTS`
-        graphs each (whole inputs, and each layout of the token shards it is handed)."""
+        graphs each (whole inputs, and each layout of the token shards it is handed); plus the
+        graphs of failed calls (`forget_failed`; counted over the model, not per region)."""
         per = REGIONAL_VARIANTS if self.config.regional else 1
-        return self.config.max_recompiles * per
+        return self.config.max_recompiles * per + self.failed_variants
 
     def _recompile_error(self) -> RecompileLimitError:
-        reason = self.pending_reasons[0] if self.pending_reasons else "(Dynamo gave no reason)"
-        self.pending_reasons.clear()
+        reason = self._take_reason() or "(Dynamo gave no reason)"
         hint = _recompile_hint(reason)
         per_class = (
             f"; x{REGIONAL_VARIANTS} graphs per block class with regional=True"
@@ -1109,12 +1154,28 @@ def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..
         kw["shapes_spec"] = ShapesSpec()  # nothing declared dynamic: every shape and int static
     else:
         kw["dynamic"] = False
-    if "recompile_limit" in params:
-        kw["recompile_limit"] = runtime.recompile_limit
-    else:
-        runtime.patch_limit = True
     if "isolate_recompiles" in params:
         kw["isolate_recompiles"] = True
     if "guard_fail_fn" in params:
         kw["guard_fail_fn"] = runtime.guard_fail
+    if "recompile_limit" in params:
+        ctx = torch._dynamo.optimize(
+            runtime.backend, recompile_limit=runtime.recompile_limit, **kw
+        )
+        setter = _limit_setter(ctx)
+        if setter is not None:
+            runtime.limit_setters.append(setter)
+            return ctx(call_impl)
+    runtime.patch_limit = True  # the limit is set around each call instead
     return torch._dynamo.optimize(runtime.backend, **kw)(call_impl)
+
+
+def _limit_setter(ctx: Any) -> Callable[[int], None] | None:
+    """Sets the per-region recompile limit a Dynamo context was made with (kept by its
+    `ConvertFrameAssert`; raised after a failed call, `Runtime.forget_failed`); None where this
+    torch keeps it elsewhere."""
+    convert = getattr(getattr(ctx, "callback", None), "_torchdynamo_orig_backend", None)
+    inner = getattr(convert, "_inner_convert", None)
+    if not isinstance(getattr(inner, "_recompile_limit", None), int):
+        return None
+    return lambda limit: setattr(inner, "_recompile_limit", limit)

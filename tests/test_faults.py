@@ -91,6 +91,19 @@ def test_one_rank_failing_to_compile_stops_every_rank_at_once(pools):
     assert max(r["seconds"] for r in res) < 30, res
 
 
+def test_failed_compiles_take_no_recompile_slot(pools):
+    """max_recompiles=2: one graph; a call whose new graph fails in its first run (float64 inputs
+    to a float32 model); one that fails in Dynamo's tracing (a text embedding one feature short);
+    then a new resolution. Was: the tracing failure and the new resolution raised
+    RecompileLimitError, the reason the failed call's dtype."""
+    for r in pools(2).run(failed_compiles_then_new_size):
+        assert r["float64"].startswith("RuntimeError") and "same dtype" in r["float64"], r
+        assert r["narrow_text"].startswith("TorchRuntimeError"), r  # Dynamo's, not the limit
+        assert r["img32"] == "ok" and r["failed"] == [False, True, False], r
+        assert len(r["reasons"]) == 1 and "size mismatch" in r["reasons"][0], r
+        assert "Double" not in r["reasons"][0], r
+
+
 FEW_TOKENS = [
     pytest.param(4, "ulysses", 3, 2, id="3img+2txt-on-4-ulysses"),
     pytest.param(4, "ring", 3, 2, id="3img+2txt-on-4-ring"),
@@ -356,6 +369,32 @@ def input_check_works() -> str:
     with torch.no_grad():
         m(**kw)
     return "ok"
+
+
+def failed_compiles_then_new_size() -> dict[str, Any]:
+    """Calls of a float32 model with max_recompiles=2: valid, float64 inputs, a text embedding
+    one feature short, another image size."""
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(max_recompiles=2, timeout_s=60.0))
+    calls = {
+        "first": kw,
+        "float64": {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
+        "narrow_text": {**kw, "encoder_hidden_states": kw["encoder_hidden_states"][..., :-1]},
+        "img32": build("flux", img=32)[1],
+    }
+    out: dict[str, Any] = {}
+    for name, args in calls.items():
+        try:
+            with torch.no_grad():
+                m(**args)
+            out[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - the type is what is checked
+            out[name] = f"{type(e).__name__}: {e}"
+    rt: Any = m._cpfx
+    return {**out, "failed": [g.failed for g in rt.graphs], "reasons": rt.recompile_reasons}
 
 
 class _SelfAttention(torch.nn.Module):

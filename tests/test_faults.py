@@ -162,6 +162,22 @@ def test_killed_rank_gives_communication_error(config, where):
     assert "re-create the process group" in res["second"] and res["second_s"] < 0.5, res
 
 
+@pytest.mark.ranks
+def test_late_rank_told_it_arrived_after_the_others_gave_up():
+    """Rank 1 reaches its call after rank 0 gave up waiting (timeout_s=3). Was: rank 1 was told
+    "every rank is alive, but the group failed"."""
+    pool = Pool(2)
+    try:
+        res = pool.run(late_rank, timeout=120, timeout_s=3.0, late_s=5.0)
+    finally:
+        pool.close(kill=True)
+    assert res[0].startswith("CommunicationError: cpfx: rank 0:"), res
+    assert "rank(s) [1] did not answer" in res[0], res
+    assert res[1].startswith("CommunicationError: cpfx: rank 1:"), res
+    assert "this rank arrived after rank(s) [0] had given up" in res[1], res
+    assert "every rank is alive" not in res[1] and "late" in res[1], res
+
+
 def test_pool_refuses_a_task_it_cannot_send(pools):
     """A lambda cannot travel by name: refused at once (the queue's feeder thread would only log
     it, and the caller would wait for the timeout)."""
@@ -463,6 +479,26 @@ def leak_check(n: int = 10) -> dict[str, Any]:
         counts.append(_proc_counts())
     dist.barrier(timeout=datetime.timedelta(seconds=60))
     return {"counts": counts, "timeout": (before_timeout, world_timeout())}
+
+
+def late_rank(timeout_s: float, late_s: float) -> str:
+    """The last rank sleeps `late_s` (more than `timeout_s`) before its call."""
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(timeout_s=timeout_s))
+    dist.barrier()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        time.sleep(late_s)
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except Exception as e:  # noqa: BLE001 - the type is what is checked
+        return f"{type(e).__name__}: {e}"
+    return "no error"
 
 
 def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -8,9 +8,10 @@ their collectives):
 2. grad mode with parameters or inputs that require grad is refused (`CpfxError`) where
    gradients are not exact (`cpfx.training.refuse_unsupported`: fp8 payloads);
 3. the cross-rank input check (`check_inputs`): one all-gather of a fixed-size int64 header
-   (model, call number, input shapes/dtypes/values, and on the first call of a signature a hash
-   of the input bytes) over cpfx's gloo group; any difference raises `RankDivergenceError` on every
-   rank before the model's first collective;
+   (model, cpfx's call number and the caller's, input shapes/dtypes/values, inputs on the wrong
+   device, a hash of every input's bytes under the default "always") over cpfx's gloo group; any
+   difference raises `RankDivergenceError` on every rank before the model's first collective, and
+   an input on the meta device or on another device type than the model `InputError`;
 4. the compiled call, with Dynamo's recompile limit turned into `RecompileLimitError`, collective
    failures into `CommunicationError` (chained), everything else re-raised unchanged;
 5. on the first call of each input signature (and after a recompile), a `TorchDispatchMode`
@@ -67,8 +68,14 @@ SMALL = 4096
 hashed on every call: a rank that skipped or repeated a call differs in them."""
 _DEVICES = 8
 """Header column: bit i set where input i is misplaced (`misplaced_inputs`; i < 62)."""
-_FIELDS = 9
+_CALLS = 9
+"""Header column: the calls this rank's caller made of the model, this one included (`seq`, in
+column 2, is cpfx's exchange number: realigned after a divergence, it is what must match)."""
+_FIELDS = 10
 """int64 fields of the per-call header before the input digests."""
+VALUES = 8
+"""Inputs of at most this many elements (a timestep, a guidance scale) are shown by value when
+their bytes differ between ranks."""
 _HEADER = _FIELDS + 2 * SLOTS
 _MAGIC = 0xCF0016
 _MAX_DIMS = 8
@@ -640,6 +647,7 @@ class Runtime:
             self._name_hash,
             grad,
             sum(1 << min(i, 61) for i in misplaced),
+            self.calls,
         ]
         tensors = [
             x
@@ -674,8 +682,10 @@ class Runtime:
                 "mode (gradients would not be exact: fp8_comm); every rank raises. Call it under "
                 "torch.no_grad() / torch.inference_mode(), or turn that option off."
             )
-        if bool((rows == rows[0]).all()):
-            return  # the common case: every rank sent the same header
+        if bool((rows[:, :_CALLS] == rows[0, :_CALLS]).all()) and bool(
+            (rows[:, _FIELDS:] == rows[0, _FIELDS:]).all()
+        ):
+            return  # the common case: every rank sent the same header (but for its call count)
         msg = self._compare_headers(rows, leaves, args, kwargs)
         if msg:
             self.seq = int(rows[:, 2].max())  # realign the call numbers for later calls
@@ -696,7 +706,10 @@ class Runtime:
                 "models in the same order."
             )
         if bad(2):
-            per = ", ".join(f"rank {r}: call {int(rows[r, 2])}" for r in range(world))
+            per = ", ".join(
+                f"rank {r}: its call {int(rows[r, _CALLS])}, cpfx's check {int(rows[r, 2])}"
+                for r in range(world)
+            )
             return (
                 f"cpfx: ranks {bad(2)} are at a different call of {self.model_name} than rank 0 "
                 f"({per}): a rank skipped or repeated a call. Every rank must make the same calls "
@@ -717,18 +730,51 @@ class Runtime:
         digests = rows[:, _FIELDS:].reshape(world, SLOTS, 2)
         differs = (digests != digests[0]).any(dim=2)  # [world, SLOTS]
         if bool(differs.any()):
-            names = _leaf_names(args, kwargs)
-            slots = [s for s in range(SLOTS) if bool(differs[:, s].any()) and s < len(names)]
-            which = [names[s] + (" (or a later input)" if s == SLOTS - 1 else "") for s in slots]
-            ranks = [r for r in range(world) if bool(differs[r].any())]
-            return (
-                f"cpfx: ranks {ranks} received different inputs than rank 0 in call "
-                f"{self.calls} of {self.model_name}: the bytes of {', '.join(which)} differ "
-                "(same shapes). Every rank must call the model with the same full inputs "
-                "(same seed, same prompt; a generator seeded with the rank is the usual cause), "
-                "in the same order (a rank that skipped or repeated a call shows up here too)."
-            )
+            return self._bytes_mismatch(rows, differs, leaves, args, kwargs)
         return None
+
+    def _bytes_mismatch(
+        self,
+        rows: torch.Tensor,
+        differs: torch.Tensor,
+        leaves: list[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> str:
+        """Same shapes, other bytes. A rank that skipped or repeated a call looks just like this
+        when it is made (each rank counts its own calls: they are at the same count), so the
+        message gives each rank's own call count and, after a second exchange, the values of the
+        small inputs that differ (a timestep tells which step of the caller's loop a rank is at)."""
+        world = rows.shape[0]
+        everyone = rankcheck.all_gather(
+            _small_values(leaves).reshape(-1),
+            self.info.check_group,
+            world,
+            self.config.timeout_s,
+            f"the input check of call {self.calls}",
+            f"{self.ordinal}/{self.seq}/values",
+        ).reshape(world, SLOTS, 1 + VALUES)
+        names = _leaf_names(args, kwargs)
+        shown, hashed = [], []
+        for s in (s for s in range(min(SLOTS, len(names))) if bool(differs[:, s].any())):
+            col = everyone[:, s]
+            if bool((col[:, 0] >= 0).all()):
+                per = "; ".join(f"rank {r}: {_values_text(col[r])}" for r in range(world))
+                shown.append(f"{names[s]}: {per}")
+            else:
+                hashed.append(names[s] + (" (or a later input)" if s == SLOTS - 1 else ""))
+        if hashed:
+            shown.append(f"the bytes of {', '.join(hashed)} differ")
+        ranks = [r for r in range(world) if bool(differs[r].any())]
+        calls = "; ".join(f"rank {r}: its call {int(rows[r, _CALLS])}" for r in range(world))
+        return (
+            f"cpfx: ranks {ranks} received different inputs than rank 0 at the same call of "
+            f"{self.model_name} ({calls}): " + "; ".join(shown) + " (same shapes). Either a rank "
+            "skipped or repeated a call (then the ranks are at different steps of the caller's "
+            "loop: compare the values), or the ranks were given different inputs (same seed, "
+            "same prompt; a generator seeded with the rank is the usual cause). Every rank must "
+            "make the same calls, with the same full inputs, in the same order."
+        )
 
     def _input_error(
         self,
@@ -903,6 +949,28 @@ def _placement_text(name: str, x: torch.Tensor, ref: str | None) -> str:
             "input's bytes to compare the ranks' inputs, and its collectives send them)"
         )
     return f"{name} is on {x.device} (the model's inputs go on {ref})"
+
+
+def _small_values(leaves: list[Any]) -> torch.Tensor:
+    """`[SLOTS, 1 + VALUES]` int64: per input slot, the element count and the float64 bits of
+    the values of a real tensor of at most `VALUES` elements; -1 in the count otherwise (and in
+    the last slot where it is shared by several inputs)."""
+    table = torch.full((SLOTS, 1 + VALUES), -1, dtype=torch.int64)
+    for i, x in enumerate(leaves[:SLOTS]):
+        shared = i == SLOTS - 1 and len(leaves) > SLOTS
+        if isinstance(x, torch.Tensor) and x.numel() <= VALUES and not shared:
+            if x.is_complex() or x.device.type == "meta":
+                continue
+            v = x.detach().reshape(-1).to("cpu", torch.float64)
+            table[i, 0] = v.numel()
+            table[i, 1 : 1 + v.numel()] = v.view(torch.int64)
+    return table
+
+
+def _values_text(row: torch.Tensor) -> str:
+    n = int(row[0])
+    values = row[1 : 1 + n].clone().view(torch.float64).tolist()
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
 def _value_text(x: Any) -> str:

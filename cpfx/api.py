@@ -48,6 +48,7 @@ def parallelize(
         raise ConfigError(
             f"cpfx.parallelize: config must be a cpfx.ParallelConfig, got {type(config).__name__}"
         )
+    _check_mesh_type(mesh)
     ordinal = next(_ordinals)
     root = config.dump_dir or env_dump_dir()
     if root:
@@ -73,6 +74,22 @@ def parallelize(
     runtime.compiled = compiled
     model._compiled_call_impl = call
     return model
+
+
+def _check_mesh_type(mesh: object) -> None:
+    """`mesh` is a `DeviceMesh` or None (the default mesh); anything else (a dim name such as
+    "ulysses", a tuple of them, a size) is refused before any work, saying how to build one."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if mesh is None or isinstance(mesh, DeviceMesh):
+        return
+    raise ConfigError(
+        f"cpfx.parallelize: mesh must be a torch.distributed DeviceMesh (or None: 1-D Ulysses "
+        f"over every rank), got {type(mesh).__name__} {mesh!r:.60}. A DeviceMesh names the "
+        "ranks and the parallelism of each dim; build one on every rank with "
+        "torch.distributed.device_mesh.init_device_mesh(device_type, (world_size,), "
+        "mesh_dim_names=(\"ulysses\",)) ('ring', or ('ring', 'ulysses') with a 2-D shape)."
+    )
 
 
 def compile_blocks(model: nn.Module, runtime: Any) -> None:

@@ -11,6 +11,11 @@ class ConfigError(CpfxError, ValueError):
     """A `ParallelConfig`, mesh or process-group setting is invalid."""
 
 
+class InputError(CpfxError, ValueError):
+    """A call's inputs cannot run as given (a tensor on the meta device, or on another device type
+    than the model); raised on every rank before any collective, naming the inputs."""
+
+
 class UnsupportedPatternError(CpfxError):
     """The graph contains a pattern cpfx cannot rewrite exactly; it refuses instead of guessing."""
 

@@ -122,13 +122,14 @@ def all_gather(
     ranks that did not answer when they can be found."""
     _set_timeout(group, timeout_s)
     out = torch.empty(world * t.numel(), dtype=torch.int64)
-    t0 = time.perf_counter()
+    started_at, t0 = time.time(), time.perf_counter()
     try:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(out, t.reshape(-1).contiguous(), group=group)
     except Exception as e:  # noqa: BLE001 - any failure of the exchange is a communication failure
         dt = time.perf_counter() - t0
-        raise communication_error(e, what, tag, list(range(world)), dt, timeout_s) from e
+        ranks = list(range(world))
+        raise communication_error(e, what, tag, ranks, dt, timeout_s, started_at=started_at) from e
     return out.reshape(world, -1)
 
 
@@ -140,16 +141,20 @@ def communication_error(
     elapsed_s: float,
     timeout_s: float | None,
     where: str = "",
+    started_at: float | None = None,
 ) -> CommunicationError:
-    """A `CommunicationError` for `e`, naming this rank and the ranks that did not answer."""
+    """A `CommunicationError` for `e`, naming this rank and the ranks that did not answer, or,
+    where this rank started the exchange (`started_at`, wall clock) after others had given up on
+    it, saying that this rank was the late one."""
     me = dist.get_rank() if dist.is_initialized() else -1
-    missing = probe_missing(tag, ranks)
+    gave_up = probe_peers(tag, ranks)
+    missing = None if gave_up is None else [r for r in ranks if r not in gave_up]
     if missing:
         peers = f"rank(s) {missing} did not answer (died, or stalled in other work)"
-    elif missing is None:
+    elif gave_up is None:
         peers = "could not tell which peer failed (the rendezvous store is unreachable)"
     else:
-        peers = "every rank is alive, but the group failed"
+        peers = _late_text(gave_up, me, started_at) or "every rank is alive, but the group failed"
     limit = f" (cpfx's timeout_s={timeout_s:.0f})" if timeout_s else ""
     after = f" after {elapsed_s:.1f}s{limit}" if elapsed_s else ""
     msg = (
@@ -160,24 +165,50 @@ def communication_error(
     return CommunicationError(msg)
 
 
-def probe_missing(tag: str, ranks: Sequence[int], wait_s: float = 1.0) -> list[int] | None:
-    """After a failed exchange: which of `ranks` never checked in under `tag` within `wait_s`
-    (each surviving rank checks in when it fails). None if the store cannot be reached."""
+def _late_text(gave_up: dict[int, float], me: int, started_at: float | None) -> str:
+    """"this rank arrived after rank(s) [...] had given up" where the others' give-up times are
+    before this rank's start of the exchange; "" otherwise (or where a time is unknown)."""
+    if started_at is None:
+        return ""
+    earlier = sorted(r for r, t in gave_up.items() if r != me and 0 < t < started_at)
+    if not earlier:
+        return ""
+    gap = started_at - max(gave_up[r] for r in earlier)
+    return (
+        f"this rank arrived after rank(s) {earlier} had given up on this exchange (it started "
+        f"{gap:.1f}s after they gave up, by the hosts' clocks): this rank was the late one (more "
+        "work or a pause before this call on this rank only); every rank must reach its calls "
+        "within timeout_s of the others (or raise ParallelConfig(timeout_s=...))"
+    )
+
+
+def probe_peers(tag: str, ranks: Sequence[int], wait_s: float = 1.0) -> dict[int, float] | None:
+    """After a failed exchange: check in under `tag` with this rank's give-up time (wall clock),
+    and wait up to `wait_s` for the others (each rank checks in when its exchange fails). Returns
+    the give-up time of each rank that checked in (0.0 where unknown); a rank that is absent did
+    not answer. None if the store cannot be reached."""
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
         store = _get_default_store()
         key = f"cpfx/alive/{tag}"
-        store.set(f"{key}/{dist.get_rank()}", "1")
+        store.set(f"{key}/{dist.get_rank()}", f"{time.time():.6f}")
         deadline = time.monotonic() + wait_s
         while True:
             present = [r for r in ranks if store.check([f"{key}/{r}"])]
             if len(present) == len(ranks) or time.monotonic() > deadline:
-                return [r for r in ranks if r not in present]
+                return {r: _seconds(store.get(f"{key}/{r}")) for r in present}
             time.sleep(0.05)
     except Exception as e:  # noqa: BLE001 - best effort only
         log.debug("liveness probe failed: %s", e)
         return None
+
+
+def _seconds(value: bytes) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ their collectives):
 2. grad mode with parameters or inputs that require grad is refused (`CpfxError`) where
    gradients are not exact (`cpfx.training.refuse_unsupported`: fp8 payloads);
 3. the cross-rank input check (`check_inputs`): one all-gather of a fixed-size int64 header
-   (model, call number, input shapes/dtypes/values, and on the first call of a signature a hash
-   of the input bytes) over cpfx's gloo group; any difference raises `RankDivergenceError` on every
-   rank before the model's first collective;
+   (model, cpfx's call number and the caller's, input shapes/dtypes/values, inputs on the wrong
+   device, a hash of every input's bytes under the default "always") over cpfx's gloo group; any
+   difference raises `RankDivergenceError` on every rank before the model's first collective, and
+   an input on the meta device or on another device type than the model `InputError`;
 4. the compiled call, with Dynamo's recompile limit turned into `RecompileLimitError`, collective
    failures into `CommunicationError` (chained), everything else re-raised unchanged;
 5. on the first call of each input signature (and after a recompile), a `TorchDispatchMode`
@@ -25,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import linecache
 import logging
 import re
@@ -48,6 +50,7 @@ from cpfx.errors import (
     ConfigError,
     CpfxError,
     CpfxWarning,
+    InputError,
     RankDivergenceError,
     RecompileLimitError,
     UnsupportedPatternError,
@@ -63,7 +66,17 @@ SLOTS = 16
 SMALL = 4096
 """Tensor inputs of at most this many elements (timesteps, guidance, pooled embeddings) are
 hashed on every call: a rank that skipped or repeated a call differs in them."""
-_HEADER = 8 + 2 * SLOTS
+_DEVICES = 8
+"""Header column: bit i set where input i is misplaced (`misplaced_inputs`; i < 62)."""
+_CALLS = 9
+"""Header column: the calls this rank's caller made of the model, this one included (`seq`, in
+column 2, is cpfx's exchange number: realigned after a divergence, it is what must match)."""
+_FIELDS = 10
+"""int64 fields of the per-call header before the input digests."""
+VALUES = 8
+"""Inputs of at most this many elements (a timestep, a guidance scale) are shown by value when
+their bytes differ between ranks."""
+_HEADER = _FIELDS + 2 * SLOTS
 _MAGIC = 0xCF0016
 _MAX_DIMS = 8
 _ATTENTION_OPS = frozenset(
@@ -106,6 +119,12 @@ class GraphRecord:
     call: int = 0
     """The model call that compiled it."""
     runs: int = 0
+    compile_id: str = ""
+    """Dynamo's id of the compile that made it ("0/1", as in guard failure reasons); empty for a
+    static variant of a symbolic graph (compiled by cpfx, not Dynamo)."""
+    failed: bool = False
+    """Its call failed before it ever ran through: it takes no recompile slot, and its reason is
+    not a recompile reason."""
 
     @property
     def collectives(self) -> list[str]:
@@ -198,8 +217,13 @@ class Runtime:
         self.ranks = self.info.cp_ranks or tuple(range(self.info.world))
         self.lock = rankcheck.call_lock(self.ranks)
         self.graphs: list[GraphRecord] = []
-        self.pending_reasons: list[str] = []
+        self.pending_reasons: list[tuple[str, str]] = []
+        """Dynamo's guard failures in this call: (compile id of the failed entry, reason)."""
         self.recompile_reasons: list[str] = []
+        self.failed_variants = 0
+        """Dynamo cache entries made by calls that failed (see `forget_failed`)."""
+        self.limit_setters: list[Callable[[int], None]] = []
+        """Set the per-region recompile limit of each compiled region (`compile_call`)."""
         self.seen: set[Any] = set()
         self.sig_calls: dict[Any, int] = {}
         """Calls per input signature (the first few mark size dims for Dynamo)."""
@@ -211,7 +235,8 @@ class Runtime:
         self.compiled: Callable[..., Any] | None = None
         """The Dynamo-compiled call (without these checks), for benchmarks."""
         self.patch_limit = False
-        """Older torch without a per-compile recompile_limit: set Dynamo's global one per call."""
+        """A torch without a per-compile recompile_limit (or where cpfx cannot raise it after a
+        failed call): Dynamo's global one is set around each call."""
         self._paths: dict[int, str] | None = None
         self._sig_hashes: dict[Any, int] = {}
         self._name_hash = rankcheck.text_hash(self.model_name)
@@ -227,20 +252,31 @@ class Runtime:
     # --- compile side --------------------------------------------------------------------
     def guard_fail(self, failure: Any) -> None:
         """Dynamo's guard_fail_fn: called (only when recompiling) with each failed guard."""
-        reason = _short_reason(str(getattr(failure, "reason", failure)))
+        raw = str(getattr(failure, "reason", failure))
+        found = re.match(r"\s*(\d+/\d+): ", raw)
+        reason = _short_reason(raw)
         code = getattr(failure, "orig_code", None)
         if code is not None:
             where = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
             reason = f"in {where}: {reason}"
-        self.pending_reasons.append(reason)
+        self.pending_reasons.append((found.group(1) if found else "", reason))
+
+    def _take_reason(self) -> str | None:
+        """The first guard failure of this call against a graph that did not fail (a failed
+        variant's guards failing is no reason to recompile: that variant never ran)."""
+        failed = {g.compile_id for g in self.graphs if g.failed and g.compile_id}
+        reason = next((r for cid, r in self.pending_reasons if cid not in failed), None)
+        self.pending_reasons.clear()
+        return reason
 
     def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        reason = self.pending_reasons[0] if self.pending_reasons else None
-        self.pending_reasons.clear()
+        reason = self._take_reason()
         captured = sum(1 for n in gm.graph.nodes if _is_sdpa(n))
         with self._compiling():
             fn = self.be(gm, example_inputs)
         rec = self._record(captured, reason)
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        rec.compile_id = str(compile_id) if compile_id is not None else ""
         variants = self.be.last_variants  # type: ignore[attr-defined]
         if variants is None:
             return self._wrap_graph(fn, lambda: rec)
@@ -349,12 +385,18 @@ class Runtime:
             first = sig not in self.seen
             self.calls += 1
             self.seq += 1
+            misplaced = misplaced_inputs(leaves, _device_type_of(self.model_ref))
             if self.info.check_group is not None and self.config.check_inputs != "never":
                 digest = first or self.config.check_inputs == "always"
-                self._cross_check(args, kwargs, leaves, sig, digest, first, grad_problem)
+                self._cross_check(
+                    args, kwargs, leaves, sig, (digest, first), grad_problem, misplaced
+                )
+            elif misplaced:
+                raise self._input_error(misplaced, None, leaves, args, kwargs)
             elif grad_problem:
                 raise CpfxError(grad_problem)
             n_graphs = len(self.graphs)
+            self.pending_reasons.clear()  # a compile that failed in tracing left its reasons
             mark = self.config.dynamic and self._count(sig) <= dynamic.MARK_CALLS
             if mark and not self.config.regional:
                 dynamic.mark_sizes((args, kwargs))
@@ -366,6 +408,7 @@ class Runtime:
                     out = resident.materialize(out)
             except BaseException:
                 self.failed_calls += 1
+                self.forget_failed(n_graphs)
                 raise
             finally:
                 resident.state.in_model -= 1
@@ -377,6 +420,26 @@ class Runtime:
             elif len(self.graphs) > n_graphs:
                 self.seen.discard(sig)  # a recompile: observe the next call of this signature
             return out
+
+    def forget_failed(self, n_graphs: int) -> None:
+        """After a failed call: the graphs it compiled that never ran through (their first run
+        raised, e.g. float64 inputs to a float32 model) are marked failed. Dynamo keeps their
+        cache entries (a repeat of that call gets the same error without compiling), so each
+        region's recompile limit is raised by one per such entry: failed calls take no slot of
+        `max_recompiles`, and their guard failures are no recompile reason."""
+        new = [g for g in self.graphs[n_graphs:] if g.runs == 0 and not g.failed]
+        for g in new:
+            g.failed = True
+            if g.reason and g.reason in self.recompile_reasons:
+                self.recompile_reasons.remove(g.reason)
+            g.reason = None
+        entries = sum(1 for g in new if g.compile_id)
+        if entries:
+            self.failed_variants += entries
+            for set_limit in self.limit_setters:
+                set_limit(self.recompile_limit)
+            log.info("cpfx: %s: %d graph(s) of a failed call take no recompile slot",
+                     self.model_name, entries)
 
     def _count(self, sig: Any) -> int:
         n = self.sig_calls.get(sig, 0) + 1
@@ -532,13 +595,13 @@ class Runtime:
     def recompile_limit(self) -> int:
         """Dynamo's limit for each of this model's compiled regions: `max_recompiles` graphs, or
         for a regional block class `max_recompiles` input signatures of `REGIONAL_VARIANTS`
-        graphs each (whole inputs, and each layout of the token shards it is handed)."""
+        graphs each (whole inputs, and each layout of the token shards it is handed); plus the
+        graphs of failed calls (`forget_failed`; counted over the model, not per region)."""
         per = REGIONAL_VARIANTS if self.config.regional else 1
-        return self.config.max_recompiles * per
+        return self.config.max_recompiles * per + self.failed_variants
 
     def _recompile_error(self) -> RecompileLimitError:
-        reason = self.pending_reasons[0] if self.pending_reasons else "(Dynamo gave no reason)"
-        self.pending_reasons.clear()
+        reason = self._take_reason() or "(Dynamo gave no reason)"
         hint = _recompile_hint(reason)
         per_class = (
             f"; x{REGIONAL_VARIANTS} graphs per block class with regional=True"
@@ -561,11 +624,12 @@ class Runtime:
         kwargs: dict[str, Any],
         leaves: list[Any],
         sig: Any,
-        digest: bool,
-        first: bool,
+        digest_first: tuple[bool, bool],
         grad_problem: str | None,
+        misplaced: list[int],
     ) -> None:
         info = self.info
+        digest, first = digest_first
         sig_hash = self._sig_hashes.get(sig)
         if sig_hash is None:
             if len(self._sig_hashes) > 256:
@@ -582,10 +646,16 @@ class Runtime:
             len(leaves),
             self._name_hash,
             grad,
+            sum(1 << min(i, 61) for i in misplaced),
+            self.calls,
         ]
         tensors = [
-            x if isinstance(x, torch.Tensor) and (digest or x.numel() <= SMALL) else None
-            for x in leaves
+            x
+            if isinstance(x, torch.Tensor)
+            and (digest or x.numel() <= SMALL)
+            and i not in misplaced  # a meta tensor has no bytes to hash
+            else None
+            for i, x in enumerate(leaves)
         ]
         digests = rankcheck.digest_rows(tensors, SLOTS, SMALL).reshape(-1)
         head = torch.cat([torch.tensor(fields, dtype=torch.int64), digests])
@@ -600,6 +670,8 @@ class Runtime:
             rankcheck.mark_dead(self.ranks, str(e))
             raise
         log.debug("cpfx input check: %.2f ms", (time.perf_counter() - t0) * 1e3)
+        if bool(rows[:, _DEVICES].any()):
+            raise self._input_error(misplaced, rows[:, _DEVICES], leaves, args, kwargs)
         if grad_problem:
             raise CpfxError(grad_problem)
         if bool(rows[:, 7].any()):
@@ -610,8 +682,10 @@ class Runtime:
                 "mode (gradients would not be exact: fp8_comm); every rank raises. Call it under "
                 "torch.no_grad() / torch.inference_mode(), or turn that option off."
             )
-        if bool((rows == rows[0]).all()):
-            return  # the common case: every rank sent the same header
+        if bool((rows[:, :_CALLS] == rows[0, :_CALLS]).all()) and bool(
+            (rows[:, _FIELDS:] == rows[0, _FIELDS:]).all()
+        ):
+            return  # the common case: every rank sent the same header (but for its call count)
         msg = self._compare_headers(rows, leaves, args, kwargs)
         if msg:
             self.seq = int(rows[:, 2].max())  # realign the call numbers for later calls
@@ -632,7 +706,10 @@ class Runtime:
                 "models in the same order."
             )
         if bad(2):
-            per = ", ".join(f"rank {r}: call {int(rows[r, 2])}" for r in range(world))
+            per = ", ".join(
+                f"rank {r}: its call {int(rows[r, _CALLS])}, cpfx's check {int(rows[r, 2])}"
+                for r in range(world)
+            )
             return (
                 f"cpfx: ranks {bad(2)} are at a different call of {self.model_name} than rank 0 "
                 f"({per}): a rank skipped or repeated a call. Every rank must make the same calls "
@@ -650,21 +727,91 @@ class Runtime:
                 "differ (e.g. a module attribute or adapter set changed on some ranks only)."
             )
         # Small inputs are hashed on every call, all of them when bit 0 is set.
-        digests = rows[:, 8:].reshape(world, SLOTS, 2)
+        digests = rows[:, _FIELDS:].reshape(world, SLOTS, 2)
         differs = (digests != digests[0]).any(dim=2)  # [world, SLOTS]
         if bool(differs.any()):
-            names = _leaf_names(args, kwargs)
-            slots = [s for s in range(SLOTS) if bool(differs[:, s].any()) and s < len(names)]
-            which = [names[s] + (" (or a later input)" if s == SLOTS - 1 else "") for s in slots]
-            ranks = [r for r in range(world) if bool(differs[r].any())]
-            return (
-                f"cpfx: ranks {ranks} received different inputs than rank 0 in call "
-                f"{self.calls} of {self.model_name}: the bytes of {', '.join(which)} differ "
-                "(same shapes). Every rank must call the model with the same full inputs "
-                "(same seed, same prompt; a generator seeded with the rank is the usual cause), "
-                "in the same order (a rank that skipped or repeated a call shows up here too)."
-            )
+            return self._bytes_mismatch(rows, differs, leaves, args, kwargs)
         return None
+
+    def _bytes_mismatch(
+        self,
+        rows: torch.Tensor,
+        differs: torch.Tensor,
+        leaves: list[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> str:
+        """Same shapes, other bytes. A rank that skipped or repeated a call looks just like this
+        when it is made (each rank counts its own calls: they are at the same count), so the
+        message gives each rank's own call count and, after a second exchange, the values of the
+        small inputs that differ (a timestep tells which step of the caller's loop a rank is at)."""
+        world = rows.shape[0]
+        everyone = rankcheck.all_gather(
+            _small_values(leaves).reshape(-1),
+            self.info.check_group,
+            world,
+            self.config.timeout_s,
+            f"the input check of call {self.calls}",
+            f"{self.ordinal}/{self.seq}/values",
+        ).reshape(world, SLOTS, 1 + VALUES)
+        names = _leaf_names(args, kwargs)
+        shown, hashed = [], []
+        for s in (s for s in range(min(SLOTS, len(names))) if bool(differs[:, s].any())):
+            col = everyone[:, s]
+            if bool((col[:, 0] >= 0).all()):
+                per = "; ".join(f"rank {r}: {_values_text(col[r])}" for r in range(world))
+                shown.append(f"{names[s]}: {per}")
+            else:
+                hashed.append(names[s] + (" (or a later input)" if s == SLOTS - 1 else ""))
+        if hashed:
+            shown.append(f"the bytes of {', '.join(hashed)} differ")
+        ranks = [r for r in range(world) if bool(differs[r].any())]
+        calls = "; ".join(f"rank {r}: its call {int(rows[r, _CALLS])}" for r in range(world))
+        return (
+            f"cpfx: ranks {ranks} received different inputs than rank 0 at the same call of "
+            f"{self.model_name} ({calls}): " + "; ".join(shown) + " (same shapes). Either a rank "
+            "skipped or repeated a call (then the ranks are at different steps of the caller's "
+            "loop: compare the values), or the ranks were given different inputs (same seed, "
+            "same prompt; a generator seeded with the rank is the usual cause). Every rank must "
+            "make the same calls, with the same full inputs, in the same order."
+        )
+
+    def _input_error(
+        self,
+        misplaced: list[int],
+        column: torch.Tensor | None,
+        leaves: list[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> InputError:
+        """Names this rank's misplaced inputs (`misplaced_inputs`) and, from the header's
+        `_DEVICES` column when there is one, those of the other ranks."""
+        me = self.info.cp_rank
+        names = _leaf_names(args, kwargs)
+        name = lambda i: names[i] if i < len(names) else f"input #{i}"  # noqa: E731
+        ref = _device_type_of(self.model_ref) or _first_device_type(leaves)
+        parts = [_placement_text(name(i), leaves[i], ref) for i in misplaced]
+        bits = [int(b) for b in column] if column is not None else []
+        others = {
+            r: [name(i) for i in range(62) if b >> i & 1] for r, b in enumerate(bits) if r != me and b
+        }
+        if others:
+            per = "; ".join(f"rank {r}: {', '.join(n)}" for r, n in others.items())
+            parts.append(
+                f"rank(s) {sorted(others)} called it with inputs they cannot run, {per} (on the "
+                "meta device, or on another device type than the model; their errors say which)"
+            )
+        told = (
+            "Every rank raises this before any collective."
+            if column is not None
+            else "(cpfx's input check is off: the other ranks are not told.)"
+        )
+        return InputError(
+            f"cpfx: rank {me}: call {self.calls} of {self.model_name} cannot run: "
+            + "; ".join(parts)
+            + f". Pass every input on the model's device ({ref}) on every rank (a 0-d CPU tensor "
+            f"may stay on the CPU). {told}"
+        )
 
     def _shape_mismatch(
         self, rows: torch.Tensor, leaves: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -744,6 +891,86 @@ def _signature(spec: Any, leaves: list[Any]) -> tuple[Any, ...]:
         else:
             items.append(_value_text(x))
     return (spec, tuple(items))  # a TreeSpec hashes and compares by structure and keys
+
+
+def misplaced_inputs(leaves: list[Any], expected: str | None) -> list[int]:
+    """Indices of the tensor inputs cpfx cannot run: on the meta device, or on another device type
+    than `expected` (the model's; None: that of the first tensor input that is not a 0-d CPU
+    tensor). A 0-d CPU tensor goes with any device, as in torch. Device indexes are not compared
+    (ranks use different GPUs).
+
+    A meta input is an `InputError` naming it, not the error the single process would give: that
+    one comes from wherever in the model the meta tensor first meets a real one ("Tensor on device
+    cpu is not on the expected device meta!"; none at all for a model on the meta device), and
+    under Dynamo it becomes a tracing error with other words, so matching it would mean running
+    the model unparallelized first. cpfx cannot run a meta input in any case: it has no bytes to
+    hash for the input check nor to send in a collective. The header carries each rank's
+    misplaced inputs, so every rank raises, before any collective (the others would otherwise
+    wait in the input check for `timeout_s`)."""
+    out = []
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            continue
+        kind = x.device.type
+        if kind == "meta":
+            out.append(i)
+        elif kind == "cpu" and x.dim() == 0:
+            continue
+        elif expected is None:
+            expected = kind
+        elif kind != expected:
+            out.append(i)
+    return out
+
+
+def _device_type_of(model: torch.nn.Module) -> str | None:
+    """The device type of the model's first parameter (or buffer); None if it has neither."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device.type
+    return None
+
+
+def _first_device_type(leaves: list[Any]) -> str | None:
+    return next(
+        (
+            x.device.type
+            for x in leaves
+            if isinstance(x, torch.Tensor) and x.device.type != "meta"
+            and not (x.device.type == "cpu" and x.dim() == 0)
+        ),
+        None,
+    )
+
+
+def _placement_text(name: str, x: torch.Tensor, ref: str | None) -> str:
+    if x.device.type == "meta":
+        return (
+            f"{name} is on the meta device (a meta tensor holds no data: cpfx hashes every "
+            "input's bytes to compare the ranks' inputs, and its collectives send them)"
+        )
+    return f"{name} is on {x.device} (the model's inputs go on {ref})"
+
+
+def _small_values(leaves: list[Any]) -> torch.Tensor:
+    """`[SLOTS, 1 + VALUES]` int64: per input slot, the element count and the float64 bits of
+    the values of a real tensor of at most `VALUES` elements; -1 in the count otherwise (and in
+    the last slot where it is shared by several inputs)."""
+    table = torch.full((SLOTS, 1 + VALUES), -1, dtype=torch.int64)
+    for i, x in enumerate(leaves[:SLOTS]):
+        shared = i == SLOTS - 1 and len(leaves) > SLOTS
+        if isinstance(x, torch.Tensor) and x.numel() <= VALUES and not shared:
+            if x.is_complex() or x.device.type == "meta":
+                continue
+            v = x.detach().reshape(-1).to("cpu", torch.float64)
+            table[i, 0] = v.numel()
+            table[i, 1 : 1 + v.numel()] = v.view(torch.int64)
+    return table
+
+
+def _values_text(row: torch.Tensor) -> str:
+    n = int(row[0])
+    values = row[1 : 1 + n].clone().view(torch.float64).tolist()
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
 def _value_text(x: Any) -> str:
@@ -995,12 +1222,28 @@ def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..
         kw["shapes_spec"] = ShapesSpec()  # nothing declared dynamic: every shape and int static
     else:
         kw["dynamic"] = False
-    if "recompile_limit" in params:
-        kw["recompile_limit"] = runtime.recompile_limit
-    else:
-        runtime.patch_limit = True
     if "isolate_recompiles" in params:
         kw["isolate_recompiles"] = True
     if "guard_fail_fn" in params:
         kw["guard_fail_fn"] = runtime.guard_fail
+    if "recompile_limit" in params:
+        ctx = torch._dynamo.optimize(
+            runtime.backend, recompile_limit=runtime.recompile_limit, **kw
+        )
+        setter = _limit_setter(ctx)
+        if setter is not None:
+            runtime.limit_setters.append(setter)
+            return ctx(call_impl)
+    runtime.patch_limit = True  # the limit is set around each call instead
     return torch._dynamo.optimize(runtime.backend, **kw)(call_impl)
+
+
+def _limit_setter(ctx: Any) -> Callable[[int], None] | None:
+    """Sets the per-region recompile limit a Dynamo context was made with (kept by its
+    `ConvertFrameAssert`; raised after a failed call, `Runtime.forget_failed`); None where this
+    torch keeps it elsewhere."""
+    convert = getattr(getattr(ctx, "callback", None), "_torchdynamo_orig_backend", None)
+    inner = getattr(convert, "_inner_convert", None)
+    if not isinstance(getattr(inner, "_recompile_limit", None), int):
+        return None
+    return lambda limit: setattr(inner, "_recompile_limit", limit)

@@ -42,6 +42,18 @@ def test_mesh_checks():
             cpfx.parallelize(m, init_device_mesh("cpu", (4,)))
 
 
+def test_mesh_that_is_not_a_device_mesh():
+    """Was: `parallelize(model, "ulysses")` raised AttributeError ('str' object has no attribute
+    'mesh_dim_names'); None still means the default mesh."""
+    m, _ = build("flux")
+    with fake_world(2):
+        for bad in ("ulysses", ("ulysses",), 2):
+            with pytest.raises(cpfx.ConfigError, match=r"DeviceMesh.*init_device_mesh") as info:
+                cpfx.parallelize(m, bad)
+            assert type(bad).__name__ in str(info.value), info.value
+        assert cpfx.parallelize(m, None)._cpfx.info.ulysses == 2
+
+
 class NoAttention(torch.nn.Module):
     def __init__(self):
         super().__init__()

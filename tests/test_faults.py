@@ -54,9 +54,15 @@ def test_collective_sizes_checked_when_input_check_is_off(pools):
 
 
 def test_skipped_call_raises_on_every_rank(pools):
+    """Rank 1 skips step 1 of 4. Each rank has made 2 calls when they meet, so cpfx cannot tell
+    a skip from other inputs; the message gives each rank's own call count and the timesteps
+    (was: "the bytes of timestep differ in call 2", one call number for both)."""
     res = pools(2).run(skipped_call, steps=4)
     for r in res:
-        assert r["ok_steps"] == [0] and "timestep" in r["error"] and r["seconds"] < 2.0, r
+        assert r["ok_steps"] == [0] and r["seconds"] < 2.0, r
+        assert "(rank 0: its call 2; rank 1: its call 2)" in r["error"], r
+        assert "timestep: rank 0: [0.75]; rank 1: [0.5]" in r["error"], r
+        assert "skipped or repeated a call" in r["error"], r
     assert [r["step"] for r in res] == [1, 2]  # rank 1 skipped step 1: both raise at once
 
 
@@ -64,6 +70,21 @@ def test_skipped_call_raises_on_every_rank(pools):
 def test_token_swap_and_nan_payload_caught(pools, kind):
     for res in pools(2).run(token_swap, kind=kind):
         assert res["error"] and "ranks [1]" in res["error"] and "hidden_states" in res["error"]
+
+
+@pytest.mark.parametrize("on_meta", [[1], [0, 1]], ids=["rank-1", "every-rank"])
+def test_meta_input_named_on_every_rank(pools, on_meta):
+    """Was: a RuntimeError from cpfx's input digest ("cannot repeat_interleave a meta tensor ...")
+    on the meta ranks; with one meta rank the other waited in the input check for timeout_s."""
+    res = pools(2).run(meta_input, on_meta=on_meta, timeout_s=20.0)
+    for rank, r in enumerate(res):
+        assert r["error"].startswith("InputError: cpfx: rank"), r
+        assert "hidden_states" in r["error"] and r["seconds"] < 5.0, r
+        if rank in on_meta:
+            assert "hidden_states is on the meta device" in r["error"], r
+        else:
+            assert f"rank(s) {on_meta} called" in r["error"], r
+    assert pools(2).run(input_check_works) == ["ok", "ok"]  # the check group still works
 
 
 def test_one_rank_failing_to_compile_stops_every_rank_at_once(pools):
@@ -74,6 +95,19 @@ def test_one_rank_failing_to_compile_stops_every_rank_at_once(pools):
     assert res[0]["error"].startswith("RankDivergenceError"), res
     assert "rank(s) [1] failed to compile graph 0" in res[0]["error"], res
     assert max(r["seconds"] for r in res) < 30, res
+
+
+def test_failed_compiles_take_no_recompile_slot(pools):
+    """max_recompiles=2: one graph; a call whose new graph fails in its first run (float64 inputs
+    to a float32 model); one that fails in Dynamo's tracing (a text embedding one feature short);
+    then a new resolution. Was: the tracing failure and the new resolution raised
+    RecompileLimitError, the reason the failed call's dtype."""
+    for r in pools(2).run(failed_compiles_then_new_size):
+        assert r["float64"].startswith("RuntimeError") and "same dtype" in r["float64"], r
+        assert r["narrow_text"].startswith("TorchRuntimeError"), r  # Dynamo's, not the limit
+        assert r["img32"] == "ok" and r["failed"] == [False, True, False], r
+        assert len(r["reasons"]) == 1 and "size mismatch" in r["reasons"][0], r
+        assert "Double" not in r["reasons"][0], r
 
 
 FEW_TOKENS = [
@@ -132,6 +166,22 @@ def test_killed_rank_gives_communication_error(config, where):
     assert res["first_s"] < 10, res
     assert res["second"].startswith("CommunicationError") and "failed earlier" in res["second"]
     assert "re-create the process group" in res["second"] and res["second_s"] < 0.5, res
+
+
+@pytest.mark.ranks
+def test_late_rank_told_it_arrived_after_the_others_gave_up():
+    """Rank 1 reaches its call after rank 0 gave up waiting (timeout_s=3). Was: rank 1 was told
+    "every rank is alive, but the group failed"."""
+    pool = Pool(2)
+    try:
+        res = pool.run(late_rank, timeout=120, timeout_s=3.0, late_s=5.0)
+    finally:
+        pool.close(kill=True)
+    assert res[0].startswith("CommunicationError: cpfx: rank 0:"), res
+    assert "rank(s) [1] did not answer" in res[0], res
+    assert res[1].startswith("CommunicationError: cpfx: rank 1:"), res
+    assert "this rank arrived after rank(s) [0] had given up" in res[1], res
+    assert "every rank is alive" not in res[1] and "late" in res[1], res
 
 
 def test_pool_refuses_a_task_it_cannot_send(pools):
@@ -213,7 +263,7 @@ def threads_different_latents(mesh_name: str, calls: int) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - reported
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
-                    found = re.search(r"in call (\d+) of", str(e))
+                    found = re.search(r"rank 0: its call (\d+)", str(e))
                     raised_at.append(int(found.group(1)) if found else -1)
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
@@ -311,6 +361,64 @@ def token_swap(kind: str) -> dict[str, Any]:
     return {"error": None}
 
 
+def meta_input(on_meta: list[int], timeout_s: float) -> dict[str, Any]:
+    """The ranks in `on_meta` pass hidden_states on the meta device."""
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    if dist.get_rank() in on_meta:
+        kw["hidden_states"] = kw["hidden_states"].to("meta")
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(timeout_s=timeout_s))
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(**kw)
+        err = "no error"
+    except Exception as e:  # noqa: BLE001 - the type is what is checked
+        err = f"{type(e).__name__}: {e}"
+    return {"error": err, "seconds": time.perf_counter() - t0}
+
+
+def input_check_works() -> str:
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh())
+    with torch.no_grad():
+        m(**kw)
+    return "ok"
+
+
+def failed_compiles_then_new_size() -> dict[str, Any]:
+    """Calls of a float32 model with max_recompiles=2: valid, float64 inputs, a text embedding
+    one feature short, another image size."""
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(max_recompiles=2, timeout_s=60.0))
+    calls = {
+        "first": kw,
+        "float64": {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
+        "narrow_text": {**kw, "encoder_hidden_states": kw["encoder_hidden_states"][..., :-1]},
+        "img32": build("flux", img=32)[1],
+    }
+    out: dict[str, Any] = {}
+    for name, args in calls.items():
+        try:
+            with torch.no_grad():
+                m(**args)
+            out[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - the type is what is checked
+            out[name] = f"{type(e).__name__}: {e}"
+    rt: Any = m._cpfx
+    return {**out, "failed": [g.failed for g in rt.graphs], "reasons": rt.recompile_reasons}
+
+
 class _SelfAttention(torch.nn.Module):
     def __init__(self, dropout_p: float = 0.0):
         super().__init__()
@@ -377,6 +485,26 @@ def leak_check(n: int = 10) -> dict[str, Any]:
         counts.append(_proc_counts())
     dist.barrier(timeout=datetime.timedelta(seconds=60))
     return {"counts": counts, "timeout": (before_timeout, world_timeout())}
+
+
+def late_rank(timeout_s: float, late_s: float) -> str:
+    """The last rank sleeps `late_s` (more than `timeout_s`) before its call."""
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(timeout_s=timeout_s))
+    dist.barrier()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        time.sleep(late_s)
+    try:
+        with torch.no_grad():
+            m(**kw)
+    except Exception as e:  # noqa: BLE001 - the type is what is checked
+        return f"{type(e).__name__}: {e}"
+    return "no error"
 
 
 def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -236,6 +236,21 @@ def test_disabled_attention_not_observed_by_dynamo():
 # --- runtime units --------------------------------------------------------------------------------
 
 
+def test_misplaced_inputs():
+    """Tensor inputs on the meta device, or on another device type than the model's, are named
+    (the rule is generic: "cuda" stands for the model's device here, with CPU tensors as the
+    misplaced ones); a 0-d CPU tensor goes with any device, as in torch."""
+    from cpfx.runtime import misplaced_inputs
+
+    cpu, meta = torch.ones(2, 3), torch.ones(2, 3, device="meta")
+    scalar = torch.tensor(1.0)
+    assert misplaced_inputs([cpu, 3, None, scalar], "cpu") == []
+    assert misplaced_inputs([cpu, meta, "x"], "cpu") == [1]
+    assert misplaced_inputs([meta, meta], "meta") == [0, 1]  # no data, whatever the model's
+    assert misplaced_inputs([cpu, scalar, torch.ones(1)], "cuda") == [0, 2]
+    assert misplaced_inputs([scalar, cpu, meta], None) == [2]  # no model device: the first's
+
+
 def test_input_digest_sees_permutations_and_nan_payloads():
     from cpfx.rankcheck import tensor_digest
 

@@ -16,6 +16,8 @@ class GraphInfo:
     collectives: int
     sent_bytes: int
     """Bytes this rank sends per run of the graph."""
+    flops: int
+    """Matmul, attention and convolution FLOPs of one run on this rank (`cpfx.measure`)."""
     runs: int
     recompile_reason: str | None
     """Dynamo's guard failure that made this graph a recompile (None: a frame's first graph)."""
@@ -35,6 +37,9 @@ class Diagnosis:
     attentions that ran parallel, and outside cpfx's graphs, by module."""
     dead: str | None
     """Why the process group is unusable, if a collective failed."""
+    parameter_bytes: int = 0
+    """Bytes of the storages behind the model's parameters and buffers on this rank (each
+    storage once; every rank holds every weight whole)."""
 
     @property
     def recompiles(self) -> int:
@@ -51,6 +56,8 @@ class Diagnosis:
             f" ({self.failed_calls} failed), {len(self.graphs)} graph(s), {self.recompiles} "
             f"recompile(s) (max_recompiles={self.max_recompiles})"
         ]
+        lines.append(f"  parameters and buffers: {self.parameter_bytes / 2**20:.1f} MiB on this "
+                     "rank (replicated)")
         if self.dead:
             lines.append(f"  process group FAILED: {self.dead}")
         if self.world == 1:
@@ -58,8 +65,8 @@ class Diagnosis:
         for g in self.graphs:
             lines.append(
                 f"  graph {g.id}: {g.attention_parallel}/{g.attention_captured} attention(s) "
-                f"parallel, {g.collectives} collective(s), {g.sent_bytes / 1e6:.3f} MB sent per "
-                f"run, ran {g.runs}x"
+                f"parallel, {g.collectives} collective(s), {g.sent_bytes / 1e6:.3f} MB sent and "
+                f"{g.flops / 1e9:.3f} GFLOP per run, ran {g.runs}x"
                 + (f"; recompiled because: {g.recompile_reason}" if g.recompile_reason else "")
             )
         for s in self.signatures:
@@ -79,6 +86,7 @@ def diagnose(model: Any) -> Diagnosis:
 
         raise ConfigError(f"cpfx.diagnose: {type(model).__name__} was not cpfx.parallelize'd")
     from cpfx import rankcheck
+    from cpfx.measure import graph_flops
 
     graphs = [
         GraphInfo(
@@ -87,6 +95,7 @@ def diagnose(model: Any) -> Diagnosis:
             g.parallel_attention,
             len(g.collectives),
             g.sent_bytes,
+            graph_flops(g.gm) if g.gm is not None else 0,
             g.runs,
             g.reason,
         )
@@ -103,4 +112,14 @@ def diagnose(model: Any) -> Diagnosis:
         graphs=graphs,
         signatures=list(runtime.reports),
         dead=dead,
+        parameter_bytes=_storage_bytes(model),
     )
+
+
+def _storage_bytes(model: Any) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())

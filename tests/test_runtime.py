@@ -194,6 +194,10 @@ def test_diagnose_names_the_recompile_and_its_reason():
     assert "size mismatch" in second.recompile_reason, second
     assert d.recompiles == 1 and "recompiled because: " in str(d)
     assert [s.call for s in d.signatures] == [1, 2]
+    # FLOPs per run from each rank graph: the 32-token graph does less work than the 64-token one
+    assert 0 < second.flops < first.flops, (first.flops, second.flops)
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    assert d.parameter_bytes >= weights and "MiB on this rank" in str(d)
 
 
 def test_attention_counted_once_per_signature_and_strict():

@@ -101,8 +101,9 @@ class CpfxBackend:
             gid = graph_id if not runners else next(self._ids)
             runner = self.compile_aten(aten_gm, list(inputs), gid, names)
             runner.resident_ok = whole
-            runners.append(runner)
-            if not tracing:  # a later variant, compiled at run time
+            if tracing:
+                runners.append(runner)
+            else:  # a later variant, compiled at run time
                 runner.finish()
             return runner
 
@@ -110,6 +111,7 @@ class CpfxBackend:
             if not dynamic.is_symbolic(inputs):
                 return compile_variant(aten_gm, tuple(inputs))
             variants = dynamic.ShapeVariants(aten_gm, inputs, compile_variant)
+            variants.limit = self.config.max_recompiles
             hints = variants.hint_fakes()
             variants.variant(hints, hints)
             self.last_variants = variants
@@ -140,6 +142,7 @@ class CpfxBackend:
 
         fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         variants = dynamic.PerSizeTrace(fakes, compile_static)
+        variants.limit = self.config.max_recompiles
         variants.variant([dynamic.hint(x) for x in example_inputs])
         self.last_variants = variants
         return variants

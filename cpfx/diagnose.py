@@ -21,6 +21,8 @@ class GraphInfo:
     runs: int
     recompile_reason: str | None
     """Dynamo's guard failure that made this graph a recompile (None: a frame's first graph)."""
+    evicted: bool = False
+    """Dropped from the variant cache (`max_recompiles` kept per symbolic graph): released."""
 
 
 @dataclasses.dataclass
@@ -42,6 +44,11 @@ class Diagnosis:
     storage once; every rank holds every weight whole)."""
 
     @property
+    def kept(self) -> int:
+        """Graphs this rank holds now (evicted variants are released)."""
+        return sum(1 for g in self.graphs if not g.evicted)
+
+    @property
     def recompiles(self) -> int:
         return sum(1 for g in self.graphs if g.recompile_reason)
 
@@ -53,8 +60,8 @@ class Diagnosis:
     def __str__(self) -> str:
         lines = [
             f"cpfx.diagnose: {self.model} on rank {self.rank} of {self.world}: {self.calls} call(s)"
-            f" ({self.failed_calls} failed), {len(self.graphs)} graph(s), {self.recompiles} "
-            f"recompile(s) (max_recompiles={self.max_recompiles})"
+            f" ({self.failed_calls} failed), {len(self.graphs)} graph(s) ({self.kept} kept), "
+            f"{self.recompiles} recompile(s) (max_recompiles={self.max_recompiles})"
         ]
         lines.append(f"  parameters and buffers: {self.parameter_bytes / 2**20:.1f} MiB on this "
                      "rank (replicated)")
@@ -98,6 +105,7 @@ def diagnose(model: Any) -> Diagnosis:
             graph_flops(g.gm) if g.gm is not None else 0,
             g.runs,
             g.reason,
+            g.evicted,
         )
         for g in runtime.graphs
     ]

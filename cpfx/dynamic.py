@@ -16,6 +16,7 @@ size by AOTAutograd instead (`PerSizeTrace`): slower, equally exact.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -236,9 +237,14 @@ class _Variants:
     def __init__(self, fakes: list[Any]) -> None:
         self.fakes = list(fakes)
         self.dims, self.scalars = _slots(self.fakes)
-        self.variants: dict[tuple[Any, ...], Any] = {}
+        self.variants: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+        """Compiled variants, least recently used first."""
+        self.limit: int | None = None
+        """How many variants are kept (the least recently used beyond it is dropped, and compiled
+        again if its sizes come back); None: all."""
         self.lock = threading.Lock()
         self.on_variant: Callable[[Any], None] | None = None
+        self.on_evict: Callable[[Any], None] | None = None
         self.guard: Callable[[], Any] = contextlib.nullcontext
         """Context around compiling a variant at run time (the runtime's failure announcement)."""
         self._tls = threading.local()
@@ -250,17 +256,22 @@ class _Variants:
         """The compiled variant for these arguments (compiled now if new; `fakes`: their static
         fake values, when the caller has them)."""
         k = self.key(args)  # every symbolic value: a variant bakes them all in
-        v = self.variants.get(k)
-        if v is None:
-            with self.lock:
-                v = self.variants.get(k)
-                if v is None:
-                    with self.guard():
-                        v = self._build(list(args), fakes)
-                    self.variants[k] = v
-                    counters["dynamic"][self.counter] += 1
-                    if self.on_variant is not None:
-                        self.on_variant(v)
+        with self.lock:
+            v = self.variants.get(k)
+            if v is not None:
+                self.variants.move_to_end(k)
+                return v
+            with self.guard():
+                v = self._build(list(args), fakes)
+            self.variants[k] = v
+            counters["dynamic"][self.counter] += 1
+            if self.on_variant is not None:
+                self.on_variant(v)
+            while self.limit is not None and len(self.variants) > max(self.limit, 1):
+                _, old = self.variants.popitem(last=False)
+                counters["dynamic"]["evicted"] += 1
+                if self.on_evict is not None:
+                    self.on_evict(old)
         return v
 
     def _build(self, args: list[Any], fakes: tuple[Any, ...] | None) -> Any:

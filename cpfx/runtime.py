@@ -122,6 +122,9 @@ class GraphRecord:
     compile_id: str = ""
     """Dynamo's id of the compile that made it ("0/1", as in guard failure reasons); empty for a
     static variant of a symbolic graph (compiled by cpfx, not Dynamo)."""
+    evicted: bool = False
+    """A static variant dropped by the variant cache (`max_recompiles` kept per symbolic graph,
+    least recently used first out); its graph is released."""
     failed: bool = False
     """Its call failed before it ever ran through: it takes no recompile slot, and its reason is
     not a recompile reason."""
@@ -287,7 +290,17 @@ class Runtime:
         def on_variant(v: Any) -> None:
             recs[id(v)] = self._record(captured, "new sizes (static variant of a symbolic graph)")
 
+        def on_evict(v: Any) -> None:
+            """A variant dropped (least recently used beyond `max_recompiles`): its graph is
+            released here too; the record stays, marked evicted."""
+            old = recs.pop(id(v), None)
+            if old is not None and old.gm is not None:
+                be_graphs = self.be.graphs  # type: ignore[attr-defined]
+                be_graphs[:] = [g for g in be_graphs if g is not old.gm]
+                old.gm, old.evicted = None, True
+
         variants.on_variant = on_variant
+        variants.on_evict = on_evict
         variants.guard = self._compiling
         return self._wrap_graph(fn, lambda: recs.get(id(variants.last), rec))
 

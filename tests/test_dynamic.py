@@ -72,6 +72,45 @@ def test_every_resolution_exact_without_a_new_capture(pools, model, regional, wo
             assert res["captured"][-1] == res["captured"][0], res
 
 
+def sweep_sizes(regional: bool, cap: int, sizes: list[int]) -> dict[str, Any]:
+    """A user sweeping resolutions with `dynamic=True` and `max_recompiles=cap`: every output vs
+    the single process, and the graphs held after each call."""
+    import gc
+
+    fresh()
+    m, _ = build("flux", layers=1, single=1)
+    refs = {}
+    with torch.no_grad():
+        for img in sorted(set(sizes)):
+            kw = build("flux", layers=1, single=1, img=img)[1]
+            refs[img] = (kw, first_output(m(**kw))[0])
+        cfg = cpfx.ParallelConfig(regional=regional, dynamic=True, max_recompiles=cap)
+        cpfx.parallelize(m, make_mesh(), cfg)
+        diffs, held = [], []
+        for img in sizes:
+            kw, ref = refs[img]
+            diffs.append((first_output(m(**kw))[0] - ref).abs().max().item())
+            gc.collect()
+            held.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.fx.GraphModule)))
+        report = cpfx.diagnose(m)
+    return {"max_abs": max(diffs), "held": held, "kept": report.kept,
+            "evicted": cpfx.counters["dynamic"]["evicted"], "text": str(report).splitlines()[0]}
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_twenty_resolutions_memory_flat_after_the_cap(pools, regional):
+    """Variants are kept least recently used first, `max_recompiles` per symbolic graph: 20
+    resolutions (then the first again, evicted by then) stay exact, and the graphs the process
+    holds stop growing once the cap is reached (they grew with every resolution)."""
+    sizes = [36 + 4 * i for i in range(20)] + [36]
+    for res in pools(2).run(sweep_sizes, regional=regional, cap=3, sizes=sizes):
+        assert res["max_abs"] <= 1e-5, res
+        assert res["evicted"] > 0 and "kept" in res["text"], res
+        held = res["held"]
+        assert max(held[6:]) <= max(held[:6]), held  # flat after the cap
+
+
 def dynamic_training(regional: bool) -> dict[str, Any]:
     """Gradients of every parameter at three resolutions (train mode), vs the single process."""
     import copy

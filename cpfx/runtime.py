@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
-from cpfx import dynamic, rankcheck, resident
+from cpfx import dynamic, graph_utils, rankcheck, resident
 from cpfx.config import ParallelConfig
 from cpfx.errors import (
     CommunicationError,
@@ -942,38 +942,13 @@ def _group_ranks(name: str) -> str:
 
 
 def module_path_of(n: fx.Node) -> str:
-    """The model submodule a node came from (`transformer_blocks.0.attn`), from Dynamo's
-    nn_module_stack."""
-    stack = n.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    raw = list(stack.values())[-1][0]
-    if not isinstance(raw, str):
-        return ""
-    names = []
-    for a, b, c in re.findall(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]", raw):
-        tok = a or b or c
-        if tok not in ("self", "__dict__", "_modules", "L", "_parameters", "_buffers"):
-            names.append(tok)
-    return ".".join(names)
+    """The model submodule a node came from (`transformer_blocks.0.attn`)."""
+    return graph_utils.module_path(n)
 
 
 def source_line_of(n: fx.Node) -> str:
-    """`file.py:123: code` of the user source line a node came from (its stack trace's last
-    frame)."""
-    lines = (n.meta.get("stack_trace") or "").rstrip().splitlines()
-    frames = []
-    for i, line in enumerate(lines):
-        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
-        if m:
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            frames.append((m.group(1), m.group(2), code))
-    plumbing = ("/torch/", "attention_dispatch", "attention_processor")
-    model = [f for f in frames if not any(p in f[0] for p in plumbing)] or frames
-    if not model:
-        return ""
-    file, line, code = model[-1]
-    return f"{file.rsplit('/', 1)[-1]}:{line}: {code}"
+    """`file.py:123: `code`` of the model's source line a node came from."""
+    return graph_utils.source_line(n)
 
 
 def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:

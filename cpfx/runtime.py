@@ -31,6 +31,7 @@ import re
 import sys
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -230,7 +231,9 @@ class Runtime:
         reason = _short_reason(str(getattr(failure, "reason", failure)))
         code = getattr(failure, "orig_code", None)
         if code is not None:
-            where = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+            code = _model_code(code, self.model_ref)
+            name = getattr(code, "co_qualname", code.co_name)
+            where = f"{name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
             reason = f"in {where}: {reason}"
         self.pending_reasons.append(reason)
 
@@ -726,6 +729,25 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _model_code(code: types.CodeType, model: torch.nn.Module) -> types.CodeType:
+    """The model's own function behind `code`, the frame Dynamo compiled: where that frame is a
+    decorator's wrapper around a module's forward (diffusers' `apply_lora_scale`, in
+    peft_utils.py, wraps Flux's), the forward it wraps; `code` itself otherwise."""
+    if not graph_utils.is_plumbing(code.co_filename):
+        return code
+    seen: set[type] = set()
+    for m in model.modules():
+        if type(m) in seen:
+            continue
+        seen.add(type(m))
+        chain = [type(m).forward]
+        while hasattr(chain[-1], "__wrapped__"):
+            chain.append(chain[-1].__wrapped__)
+        if any(getattr(f, "__code__", None) is code for f in chain[:-1]):
+            return getattr(chain[-1], "__code__", code)
+    return code
 
 
 def _is_sdpa(n: fx.Node) -> bool:

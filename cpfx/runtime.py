@@ -12,7 +12,9 @@ their collectives):
    of the input bytes) over cpfx's gloo group; any difference raises `RankDivergenceError` on every
    rank before the model's first collective;
 4. the compiled call, with Dynamo's recompile limit turned into `RecompileLimitError`, collective
-   failures into `CommunicationError` (chained), everything else re-raised unchanged;
+   failures into `CommunicationError` (chained), everything else re-raised unchanged; its
+   collectives run on cpfx's groups (`rankcheck.graph_group`), so a stalled peer raises within
+   `timeout_s`;
 5. on the first call of each input signature (and after a recompile), a `TorchDispatchMode`
    counts the attention kernels that run outside cpfx's graphs (a thread-local flag is set while
    a cpfx graph runs): `CpfxWarning`, or an error with `strict=True`. Later calls skip it.
@@ -197,6 +199,10 @@ class Runtime:
         self.config = config
         self.ordinal = ordinal
         self.ranks = self.info.cp_ranks or tuple(range(self.info.world))
+        self.graph_groups = [
+            g for g in (self.info.cp_group, self.info.ulysses_group, self.info.ring_group) if g
+        ]
+        """cpfx's groups the graphs' collectives run on (their timeout is `config.timeout_s`)."""
         self.lock = rankcheck.call_lock(self.ranks)
         self.graphs: list[GraphRecord] = []
         self.pending_reasons: list[str] = []
@@ -298,6 +304,7 @@ class Runtime:
         def run(*args: Any) -> Any:
             _tls.depth += 1
             rec: GraphRecord | None = None
+            t0 = time.perf_counter()
             try:
                 out = fn(*args)
                 rec = record()
@@ -305,7 +312,7 @@ class Runtime:
             except CpfxError:
                 raise
             except Exception as e:  # noqa: BLE001 - collective failures become CommunicationError
-                comm = self._graph_comm_error(e, rec or record())
+                comm = self._graph_comm_error(e, rec or record(), time.perf_counter() - t0)
                 if comm is None:
                     raise
                 raise comm from e
@@ -321,7 +328,9 @@ class Runtime:
             run._boxed_call = True  # type: ignore[attr-defined]
         return run
 
-    def _graph_comm_error(self, e: BaseException, rec: GraphRecord) -> CommunicationError | None:
+    def _graph_comm_error(
+        self, e: BaseException, rec: GraphRecord, elapsed_s: float
+    ) -> CommunicationError | None:
         node = _failing_node(e)
         is_comm = isinstance(e, dist.DistError) or (node is not None and _is_comm_node(node))
         if not is_comm:
@@ -331,9 +340,9 @@ class Runtime:
         if node is not None:
             start = _collective_of(node)
             where = f"collective: {_describe_node(start)}"
-        return rankcheck.communication_error(
-            e, what, f"{self.ordinal}/{self.seq}/graph", self.ranks, 0.0, None, where
-        )
+        tag = f"{self.ordinal}/{self.seq}/graph"
+        timeout_s = self.config.timeout_s
+        return rankcheck.communication_error(e, what, tag, self.ranks, elapsed_s, timeout_s, where)
 
     # --- call side -----------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -357,6 +366,7 @@ class Runtime:
                 self._cross_check(args, kwargs, leaves, sig, digest, first, grad_problem)
             elif grad_problem:
                 raise CpfxError(grad_problem)
+            rankcheck.set_graph_timeout(self.graph_groups, self.config.timeout_s)
             n_graphs = len(self.graphs)
             mark = self.config.dynamic and self._count(sig) <= dynamic.MARK_CALLS
             if mark and not self.config.regional:

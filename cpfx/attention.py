@@ -437,7 +437,7 @@ def ring_shift(x: Tensor, spec: AttnSpec) -> Tensor:
     m = spec.mesh
     nxt = m.ring_ranks[(m.ring_index + 1) % m.ring]
     prv = m.ring_ranks[(m.ring_index - 1) % m.ring]
-    t = torch.ops.cpfx.ring_send_recv(x, nxt, prv)
+    t = torch.ops.cpfx.ring_send_recv(x, nxt, prv, m.ring_group)
     return tag(t, cpfx_collective="ring_send_recv", cpfx_role="kv")
 
 

@@ -73,8 +73,10 @@ class ParallelConfig:
     "never" (deprecated)."""
 
     timeout_s: float = 300.0
-    """Timeout of cpfx's own cross-rank checks (a dead or stalled rank raises within it). The
-    user's process groups keep their own timeouts."""
+    """Timeout of cpfx's cross-rank checks and of the compiled graphs' collectives, which run on
+    process groups cpfx creates (one per set of ranks): a dead or stalled rank raises
+    `CommunicationError` within it. It must also cover how far the ranks' compiles drift apart
+    on a first call. The user's process groups keep their own timeouts."""
 
     max_recompiles: int = 8
     """Dynamo's recompile limit for this model's compiled region (per frame: the model's forward

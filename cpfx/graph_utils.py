@@ -44,23 +44,88 @@ def val(n: Any) -> Any:
 
 
 def where(n: fx.Node) -> str:
-    """`module.path (file:line)` of the model code a node came from, for messages."""
+    """`module.path (file.py:line: `code`)` of the model code a node came from, for messages."""
     if n.op == "placeholder" and "cpfx_input" in n.meta:
         return f"input {n.meta['cpfx_input']}"
-    stack = n.meta.get("nn_module_stack") or {}
-    path = ""
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = re.sub(r"(__dict__)?\['_modules'\]\['([^']+)'\]", r".\2", path)
-        path = re.sub(r"^(L\['self'\]|L__self___)?\.?", "", path).replace("..", ".")
-    trace = (n.meta.get("stack_trace") or "").strip().splitlines()
-    line = trace[-2].strip() if len(trace) >= 2 else ""
-    return f"{path or n.name} ({line})" if line else (path or n.name)
+    path = module_path(n) or n.name
+    src = source_line(n)
+    return f"{path} ({src})" if src else path
+
+
+_NOISE = frozenset({"self", "L", "__dict__", "_modules", "_parameters", "_buffers"})
 
 
 def module_path(n: fx.Node) -> str:
-    """The dotted path of the innermost module a node came from ('' if unknown)."""
-    return where(n).split(" (")[0] if n.meta.get("nn_module_stack") else ""
+    """The dotted path of the innermost module a node came from (`transformer_blocks.0.attn`),
+    from Dynamo's nn_module_stack ('' if unknown)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    raw = list(stack.values())[-1][0] if stack else ""
+    if not isinstance(raw, str):
+        return ""
+    tokens = re.findall(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]", raw)
+    return ".".join(t for a, b, c in tokens if (t := a or b or c) not in _NOISE)
+
+
+_PLUMBING = (
+    "/torch/",
+    "/diffusers/models/attention_dispatch.py",
+    "/diffusers/models/attention_processor.py",
+    "/diffusers/utils/",
+    "/diffusers/hooks/",
+)
+"""Frames that are not the model's own code: torch, diffusers' attention dispatch and
+decorators."""
+
+
+def is_plumbing(file: str) -> bool:
+    """Whether `file` is torch's or diffusers' plumbing rather than a model's own code."""
+    return any(p in file for p in _PLUMBING)
+
+
+def model_frame(stack_trace: str) -> tuple[str, int, str] | None:
+    """`(file, line, first code line)` of the innermost frame of `stack_trace` in the model's own
+    code (the innermost frame of all if every frame is plumbing); None without frames."""
+    lines = stack_trace.rstrip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((m.group(1), int(m.group(2)), code))
+    model = [f for f in frames if not is_plumbing(f[0])] or frames
+    return model[-1] if model else None
+
+
+def source_line(n: fx.Node) -> str:
+    """`file.py:123: `code`` of the model's source line a node came from ('' if unknown)."""
+    frame = model_frame(n.meta.get("stack_trace") or "")
+    if frame is None:
+        return ""
+    file, line, code = frame
+    text = f"{file.rsplit('/', 1)[-1]}:{line}"
+    return f"{text}: `{excerpt(code)}`" if code else text
+
+
+def excerpt(code: str, width: int = 48) -> str:
+    """`code` cut to about `width` characters with its brackets balanced (`f(a, ...)`, `...b`): a
+    stack trace holds one line of a statement, which may leave brackets open or close others."""
+    code = code.strip().replace("`", "'")
+    cut = len(code) > width
+    code = code[:width].rstrip() if cut else code
+    closing = {"(": ")", "[": "]", "{": "}"}
+    kept: list[str] = []
+    still_open: list[str] = []
+    for ch in code:
+        if ch in closing:
+            still_open.append(closing[ch])
+        elif ch in closing.values():
+            if not still_open or ch != still_open[-1]:
+                continue  # closes a bracket on an earlier line (or a mismatched one): dropped
+            still_open.pop()
+        kept.append(ch)
+    head = "..." if len(kept) < len(code) else ""
+    tail = "..." if cut or still_open else ""
+    return head + "".join(kept) + tail + "".join(reversed(still_open))
 
 
 def is_mutating(n: fx.Node) -> bool:

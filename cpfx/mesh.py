@@ -106,19 +106,16 @@ def mesh_info(mesh: DeviceMesh | None, config: ParallelConfig) -> MeshInfo:
         raise ConfigError(f"cpfx: unexpected mesh coordinates {coord} for rank {rank}")
     cp_ranks = tuple(range(base, base + cp_world))
     ring_ranks = tuple(base + rr * U + u for rr in range(R))
-    group = lambda n: mesh.get_group(n).group_name if n in sizes and sizes[n] > 1 else ""  # noqa: E731
-    cp_group: str
-    if D == 1:
-        assert dist.group.WORLD is not None  # initialized: checked above
-        cp_group = str(dist.group.WORLD.group_name)
-    elif "batch" in sizes:
-        cp_group = group("batch")
-    elif R == 1 or U == 1:
-        cp_group = group("ring" if R > 1 else "ulysses")
-    else:
-        from cpfx.rankcheck import cp_group as make_cp_group
+    # The graphs' collectives run on cpfx's own groups (timeout timeout_s), one per set of ranks:
+    # the mesh's groups and the user's keep their timeouts (cpfx.rankcheck.graph_group).
+    from cpfx.rankcheck import graph_group
 
-        cp_group = str(make_cp_group(cp_ranks).group_name)
+    def group(n: str) -> str:
+        if sizes.get(n, 1) == 1:
+            return ""
+        return graph_group(dist.get_process_group_ranks(mesh.get_group(n)), config.timeout_s)
+
+    cp_group = graph_group(cp_ranks, config.timeout_s)
     check_group = None
     if config.check_collectives or config.check_inputs != "never":
         from cpfx.rankcheck import check_group as cpfx_check_group

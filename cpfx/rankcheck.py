@@ -1,8 +1,17 @@
-"""Cross-rank checks over cpfx's own gloo group: fixed-size int64 tensors, never pickle.
+"""cpfx's own process groups, and the cross-rank checks over them (fixed-size int64 tensors, never
+pickle).
 
-One gloo group per set of ranks is created the first time a model over those ranks is
-parallelized and reused by every later model (it is the only process group cpfx creates; the
-user's groups and their timeouts are left alone). Its timeout is cpfx's `timeout_s`.
+cpfx creates two kinds of groups, each once per distinct set of ranks (the first time a model over
+those ranks is parallelized) and reused by every later model; the user's groups and their timeouts
+are left alone. Their timeout is cpfx's `timeout_s`:
+
+- `check_group`: gloo, for the input and collective-schedule checks;
+- `graph_group`: the default backend, for the collectives of the compiled graphs, so that a dead or
+  stalled peer raises within `timeout_s` instead of waiting out the user's group timeout (torch's
+  default is 30 min on gloo; on NCCL torch's watchdog acts on the timeout, by default by tearing
+  the process down). On NCCL each such group is a communicator with its own memory: one per set
+  of ranks a mesh uses (the context-parallel group and each Ulysses and ring group), never one
+  per model.
 
 Input digests are computed with torch ops on the inputs' device: each tensor's bytes, read as
 int32 words (bytes if the size is not a multiple of 4), are mixed with their position and summed
@@ -31,6 +40,8 @@ _lock = threading.Lock()
 _owner: Any = None
 """The default process group the cached groups belong to (a new init_process_group resets them)."""
 _groups: dict[tuple[Any, ...], Any] = {}
+_graph_groups: dict[str, Any] = {}
+"""cpfx's graph groups by name."""
 _timeouts: dict[int, float] = {}
 _dead: dict[tuple[int, ...], str] = {}
 _call_locks: dict[tuple[int, ...], threading.RLock] = {}
@@ -47,9 +58,21 @@ def _reset_if_reinitialized() -> None:
     pg = _default_group()
     if _owner is not pg:
         _groups.clear()
+        _graph_groups.clear()
         _timeouts.clear()
         _dead.clear()
         _owner = pg
+
+
+def _new_group(ranks: tuple[int, ...], timeout_s: float, backend: str | None) -> Any:
+    """A new group over `ranks`, created by its members only when it is not the whole world
+    (with data parallelism each slice has its own); every rank creates cpfx's groups in the
+    same order, so their names agree."""
+    td = datetime.timedelta(seconds=timeout_s)
+    local = len(ranks) < dist.get_world_size()
+    g = dist.new_group(list(ranks), backend=backend, timeout=td, use_local_synchronization=local)
+    _timeouts[id(g)] = timeout_s
+    return g
 
 
 def check_group(ranks: Sequence[int], timeout_s: float) -> Any:
@@ -62,27 +85,37 @@ def check_group(ranks: Sequence[int], timeout_s: float) -> Any:
         _reset_if_reinitialized()
         g = _groups.get(ranks)
         if g is None:
-            td = datetime.timedelta(seconds=timeout_s)
-            # Only the group's members create it: with data parallelism each slice has its own.
-            local = len(ranks) < dist.get_world_size()
-            g = _groups[ranks] = dist.new_group(
-                list(ranks), backend="gloo", timeout=td, use_local_synchronization=local
-            )
-            _timeouts[id(g)] = timeout_s
+            g = _groups[ranks] = _new_group(ranks, timeout_s, "gloo")
             log.info("cpfx check group over ranks %s (gloo, timeout %.0fs)", ranks, timeout_s)
         return g
 
 
-def cp_group(ranks: Sequence[int]) -> Any:
-    """The process group (the default backend) over one data-parallel slice's ranks, created once
-    by its members."""
+def graph_group(ranks: Sequence[int], timeout_s: float) -> str:
+    """The name of cpfx's group over `ranks` (the default backend, timeout `timeout_s`) that the
+    compiled graphs' collectives run on: created once per set of ranks, then reused by every
+    model (each call sets its model's `timeout_s`: `set_graph_timeout`). '' for one rank (nothing
+    to exchange)."""
     ranks = tuple(ranks)
+    if len(ranks) <= 1:
+        return ""
     with _lock:
         _reset_if_reinitialized()
-        key = ("cp", *ranks)
-        if key not in _groups:
-            _groups[key] = dist.new_group(list(ranks), use_local_synchronization=True)
-        return _groups[key]
+        key = ("graph", *ranks)
+        g = _groups.get(key)
+        if g is None:
+            g = _groups[key] = _new_group(ranks, timeout_s, None)
+            _graph_groups[str(g.group_name)] = g
+            log.info("cpfx graph group over ranks %s (timeout %.0fs)", ranks, timeout_s)
+        return str(g.group_name)
+
+
+def set_graph_timeout(names: Sequence[str], timeout_s: float) -> None:
+    """Give cpfx's graph groups `names` the timeout `timeout_s` (models that share a group may
+    have different ones; nothing to do when it is theirs already, as on most calls)."""
+    for name in names:
+        g = _graph_groups.get(name)
+        if g is not None:
+            _set_timeout(g, timeout_s)
 
 
 def call_lock(ranks: Sequence[int]) -> threading.RLock:

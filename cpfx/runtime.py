@@ -13,7 +13,9 @@ their collectives):
    difference raises `RankDivergenceError` on every rank before the model's first collective, and
    an input on the meta device or on another device type than the model `InputError`;
 4. the compiled call, with Dynamo's recompile limit turned into `RecompileLimitError`, collective
-   failures into `CommunicationError` (chained), everything else re-raised unchanged;
+   failures into `CommunicationError` (chained), everything else re-raised unchanged; its
+   collectives run on cpfx's groups (`rankcheck.graph_group`), so a stalled peer raises within
+   `timeout_s`;
 5. on the first call of each input signature (and after a recompile), a `TorchDispatchMode`
    counts the attention kernels that run outside cpfx's graphs (a thread-local flag is set while
    a cpfx graph runs): `CpfxWarning`, or an error with `strict=True`. Later calls skip it.
@@ -33,6 +35,7 @@ import re
 import sys
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,7 +46,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
-from cpfx import dynamic, rankcheck, resident
+from cpfx import dynamic, graph_utils, rankcheck, resident
 from cpfx.config import ParallelConfig
 from cpfx.errors import (
     CommunicationError,
@@ -218,6 +221,10 @@ class Runtime:
         self.config = config
         self.ordinal = ordinal
         self.ranks = self.info.cp_ranks or tuple(range(self.info.world))
+        self.graph_groups = [
+            g for g in (self.info.cp_group, self.info.ulysses_group, self.info.ring_group) if g
+        ]
+        """cpfx's groups the graphs' collectives run on (their timeout is `config.timeout_s`)."""
         self.lock = rankcheck.call_lock(self.ranks)
         self.graphs: list[GraphRecord] = []
         self.pending_reasons: list[tuple[str, str]] = []
@@ -260,7 +267,9 @@ class Runtime:
         reason = _short_reason(raw)
         code = getattr(failure, "orig_code", None)
         if code is not None:
-            where = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+            code = _model_code(code, self.model_ref)
+            name = getattr(code, "co_qualname", code.co_name)
+            where = f"{name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
             reason = f"in {where}: {reason}"
         self.pending_reasons.append((found.group(1) if found else "", reason))
 
@@ -344,6 +353,7 @@ class Runtime:
         def run(*args: Any) -> Any:
             _tls.depth += 1
             rec: GraphRecord | None = None
+            t0 = time.perf_counter()
             try:
                 out = fn(*args)
                 rec = record()
@@ -351,7 +361,7 @@ class Runtime:
             except CpfxError:
                 raise
             except Exception as e:  # noqa: BLE001 - collective failures become CommunicationError
-                comm = self._graph_comm_error(e, rec or record())
+                comm = self._graph_comm_error(e, rec or record(), time.perf_counter() - t0)
                 if comm is None:
                     raise
                 raise comm from e
@@ -367,7 +377,9 @@ class Runtime:
             run._boxed_call = True  # type: ignore[attr-defined]
         return run
 
-    def _graph_comm_error(self, e: BaseException, rec: GraphRecord) -> CommunicationError | None:
+    def _graph_comm_error(
+        self, e: BaseException, rec: GraphRecord, elapsed_s: float
+    ) -> CommunicationError | None:
         node = _failing_node(e)
         is_comm = isinstance(e, dist.DistError) or (node is not None and _is_comm_node(node))
         if not is_comm:
@@ -377,9 +389,9 @@ class Runtime:
         if node is not None:
             start = _collective_of(node)
             where = f"collective: {_describe_node(start)}"
-        return rankcheck.communication_error(
-            e, what, f"{self.ordinal}/{self.seq}/graph", self.ranks, 0.0, None, where
-        )
+        tag = f"{self.ordinal}/{self.seq}/graph"
+        timeout_s = self.config.timeout_s
+        return rankcheck.communication_error(e, what, tag, self.ranks, elapsed_s, timeout_s, where)
 
     # --- call side -----------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -408,6 +420,7 @@ class Runtime:
                 raise self._input_error(misplaced, None, leaves, args, kwargs)
             elif grad_problem:
                 raise CpfxError(grad_problem)
+            rankcheck.set_graph_timeout(self.graph_groups, self.config.timeout_s)
             n_graphs = len(self.graphs)
             self.pending_reasons.clear()  # a compile that failed in tracing left its reasons
             mark = self.config.dynamic and self._count(sig) <= dynamic.MARK_CALLS
@@ -888,6 +901,25 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------
 
 
+def _model_code(code: types.CodeType, model: torch.nn.Module) -> types.CodeType:
+    """The model's own function behind `code`, the frame Dynamo compiled: where that frame is a
+    decorator's wrapper around a module's forward (diffusers' `apply_lora_scale`, in
+    peft_utils.py, wraps Flux's), the forward it wraps; `code` itself otherwise."""
+    if not graph_utils.is_plumbing(code.co_filename):
+        return code
+    seen: set[type] = set()
+    for m in model.modules():
+        if type(m) in seen:
+            continue
+        seen.add(type(m))
+        chain = [type(m).forward]
+        while hasattr(chain[-1], "__wrapped__"):
+            chain.append(chain[-1].__wrapped__)
+        if any(getattr(f, "__code__", None) is code for f in chain[:-1]):
+            return getattr(chain[-1], "__code__", code)
+    return code
+
+
 def _is_sdpa(n: fx.Node) -> bool:
     return n.op == "call_function" and "scaled_dot_product_attention" in str(
         getattr(n.target, "__name__", n.target)
@@ -1182,38 +1214,13 @@ def _group_ranks(name: str) -> str:
 
 
 def module_path_of(n: fx.Node) -> str:
-    """The model submodule a node came from (`transformer_blocks.0.attn`), from Dynamo's
-    nn_module_stack."""
-    stack = n.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    raw = list(stack.values())[-1][0]
-    if not isinstance(raw, str):
-        return ""
-    names = []
-    for a, b, c in re.findall(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]", raw):
-        tok = a or b or c
-        if tok not in ("self", "__dict__", "_modules", "L", "_parameters", "_buffers"):
-            names.append(tok)
-    return ".".join(names)
+    """The model submodule a node came from (`transformer_blocks.0.attn`)."""
+    return graph_utils.module_path(n)
 
 
 def source_line_of(n: fx.Node) -> str:
-    """`file.py:123: code` of the user source line a node came from (its stack trace's last
-    frame)."""
-    lines = (n.meta.get("stack_trace") or "").rstrip().splitlines()
-    frames = []
-    for i, line in enumerate(lines):
-        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
-        if m:
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            frames.append((m.group(1), m.group(2), code))
-    plumbing = ("/torch/", "attention_dispatch", "attention_processor")
-    model = [f for f in frames if not any(p in f[0] for p in plumbing)] or frames
-    if not model:
-        return ""
-    file, line, code = model[-1]
-    return f"{file.rsplit('/', 1)[-1]}:{line}: {code}"
+    """`file.py:123: `code`` of the model's source line a node came from."""
+    return graph_utils.source_line(n)
 
 
 def compile_call(call_impl: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:

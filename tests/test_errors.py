@@ -105,6 +105,73 @@ def test_dropout_refused():
         _compile(Attn(dropout_p=0.1), torch.randn(1, 16, 16))
 
 
+class _FlexBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return flex_attention(q, k, v)  # the line the error names
+
+
+class _FlexModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_FlexBlock()])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def test_refusal_names_the_model_line_in_well_formed_text():
+    """Was: `attention at .transformer_blocks.0.attn (out, lse, max_scores = flex_attention_hop()
+    is ...`: torch's frame, the first line of a multi-line statement, an unclosed parenthesis."""
+    import inspect
+
+    line = inspect.getsource(_FlexBlock.forward).splitlines().index(
+        "        return flex_attention(q, k, v)  # the line the error names"
+    ) + inspect.getsourcelines(_FlexBlock.forward)[1]
+    with pytest.raises(cpfx.UnsupportedPatternError) as info:
+        _compile(_FlexModel(), torch.randn(1, 16, 16))
+    msg = str(info.value)
+    want = f"attention at blocks.0 (test_errors.py:{line}: `return flex_attention(q, k, v)"
+    assert want in msg and "flex_attention_hop" not in msg, msg
+    assert _balanced(msg), msg
+
+
+def test_where_closes_a_cut_statement():
+    import torch.fx as fx
+
+    from cpfx.graph_utils import where
+
+    g = fx.Graph()
+    n = g.call_function(torch.add, (1, 2))
+    n.meta["nn_module_stack"] = {"x": ("L['self'].transformer_blocks[0].attn", object)}
+    n.meta["stack_trace"] = (
+        '  File "/m/transformer_x.py", line 7, in forward\n'
+        "    out = self.attn(hidden_states, encoder_hidden_states=encoder_hidden_states, "
+        "image_rotary_emb=image_rotary_emb)\n"
+        '  File "/site-packages/torch/nn/attention/flex_attention.py", line 9, in flex_attention\n'
+        "    out, lse, max_scores = flex_attention_hop(\n"
+        "                           ^^^^^^^^^^^^^^^^^^^\n"
+    )
+    text = where(n)
+    assert text.startswith("transformer_blocks.0.attn (transformer_x.py:7: `out = self.attn("), text
+    assert text.endswith("...)`)") and len(text) < 120 and _balanced(text), text
+
+
 def test_causal_is_lowered_not_refused():
     """Causal attention over the sharded sequence: each block's mask is built from the global
     positions its queries and keys hold (numerics: tests/test_soundness.py)."""

@@ -184,6 +184,28 @@ def test_late_rank_told_it_arrived_after_the_others_gave_up():
     assert "every rank is alive" not in res[1] and "late" in res[1], res
 
 
+@pytest.mark.parametrize("mesh_name", ["ulysses", "ring"])
+@pytest.mark.ranks
+def test_stalled_rank_raises_within_timeout_s(mesh_name):
+    """Was: with timeout_s=20, a rank stopped for 60 s inside the forward left the other waiting
+    60 s with no error (the graphs' collectives ran on the user's groups: torch's default timeout,
+    30 min on gloo). Now they run on cpfx's groups, whose timeout is timeout_s; the user's default
+    group keeps its own."""
+    timeout_s = 5.0
+    pool = Pool(2)
+    try:
+        res = pool.run(stalled_rank, timeout=300, mesh_name=mesh_name, timeout_s=timeout_s)
+    finally:
+        pool.close(kill=True)
+    first = res[0]
+    assert first["error"].startswith("CommunicationError: cpfx: rank 0:"), first
+    assert "rank(s) [1] did not answer" in first["error"], first
+    assert first["seconds"] < 2 * timeout_s, first
+    for r in res:
+        before, after = r["timeout"]
+        assert before == after and after is not None and after > 10 * timeout_s, r
+
+
 def test_pool_refuses_a_task_it_cannot_send(pools):
     """A lambda cannot travel by name: refused at once (the queue's feeder thread would only log
     it, and the caller would wait for the timeout)."""
@@ -458,6 +480,15 @@ def _proc_counts() -> tuple[int, int]:
     return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
 
 
+def _world_timeout() -> float | None:
+    """The timeout of the default (WORLD) group's CPU backend, in seconds."""
+    try:
+        be = dist.group.WORLD._get_backend(torch.device("cpu"))
+        return be.options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def leak_check(n: int = 10) -> dict[str, Any]:
     """fds and threads of this process over `n` parallelize calls (and one call of each model),
     and the WORLD group's timeout before and after."""
@@ -466,14 +497,7 @@ def leak_check(n: int = 10) -> dict[str, Any]:
     import cpfx
 
     fresh()
-
-    def world_timeout() -> float | None:
-        try:
-            be = dist.group.WORLD._get_backend(torch.device("cpu"))
-            return be.options._timeout.total_seconds()
-        except Exception:  # noqa: BLE001
-            return None
-
+    world_timeout = _world_timeout
     mesh = make_mesh()
     before_timeout = world_timeout()
     counts = []
@@ -531,3 +555,37 @@ def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -
             out[call] = f"{type(e).__name__}: {e}"
         out[call + "_s"] = time.perf_counter() - t0
     return out
+
+
+def stalled_rank(mesh_name: str, timeout_s: float) -> dict[str, Any]:
+    """Rank 1 sleeps for 3x `timeout_s` inside the second call (a pre-hook on a block, between
+    two compiled graphs); the others call on and must raise within `timeout_s`."""
+    import time
+
+    import cpfx
+
+    fresh()
+    m, kw = build("flux")
+    calls: list[int] = []
+
+    @torch.compiler.disable
+    def stall(module: torch.nn.Module, args: Any) -> None:
+        calls.append(1)
+        if dist.get_rank() == 1 and len(calls) == 2:
+            time.sleep(3 * timeout_s)
+
+    m.single_transformer_blocks[0].register_forward_pre_hook(stall)
+    before = _world_timeout()
+    cfg = cpfx.ParallelConfig(timeout_s=timeout_s)
+    cpfx.parallelize(m, make_mesh(names=(mesh_name,)), cfg)
+    with torch.no_grad():
+        m(**kw)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            m(**kw)
+        err = "no error"
+    except Exception as e:  # noqa: BLE001 - the type is what is checked
+        err = f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - t0
+    return {"error": err, "seconds": seconds, "timeout": (before, _world_timeout())}

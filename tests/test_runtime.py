@@ -166,6 +166,31 @@ def test_recompile_limit_is_an_error_with_dynamo_reason():
         assert len(m._cpfx.graphs) == n == 2
 
 
+def test_recompile_reason_names_the_model_forward_not_diffusers_decorator():
+    """Flux's forward is wrapped by diffusers' `apply_lora_scale` (peft_utils.py), the frame Dynamo
+    compiles: reasons named `wrapper (peft_utils.py:300)` for a model without LoRA."""
+    import inspect
+
+    from diffusers.models.transformers import transformer_flux
+
+    torch._dynamo.reset()
+    m, kw = build("flux")
+    code = inspect.unwrap(type(m).forward).__code__
+    assert code.co_filename == transformer_flux.__file__
+    site = f"in FluxTransformer2DModel.forward (transformer_flux.py:{code.co_firstlineno})"
+    with fake_world(2), torch.no_grad():
+        cfg = cpfx.ParallelConfig(max_recompiles=2, check_collectives=False)
+        cpfx.parallelize(m, _mesh(), cfg)
+        m(**kw)
+        m(**build("flux", img=32)[1])
+        reason = cpfx.diagnose(m).graphs[1].recompile_reason
+        with pytest.raises(cpfx.RecompileLimitError) as info:
+            m(**build("flux", img=48)[1])
+    for text in (reason, str(info.value)):
+        assert site in text and "peft_utils" not in text, text
+        assert "tensor 'kwargs['hidden_states']' size mismatch at index 1" in text, text
+
+
 @pytest.mark.graph
 def test_hook_added_after_the_first_call_is_compiled_in():
     """Dynamo skips guards on module hooks by default; cpfx's calls guard them, so a hook added

@@ -385,8 +385,6 @@ def token_swap(kind: str) -> dict[str, Any]:
 
 def meta_input(on_meta: list[int], timeout_s: float) -> dict[str, Any]:
     """The ranks in `on_meta` pass hidden_states on the meta device."""
-    import time
-
     import cpfx
 
     fresh()
@@ -394,6 +392,14 @@ def meta_input(on_meta: list[int], timeout_s: float) -> dict[str, Any]:
     if dist.get_rank() in on_meta:
         kw["hidden_states"] = kw["hidden_states"].to("meta")
     cpfx.parallelize(m, make_mesh(), cpfx.ParallelConfig(timeout_s=timeout_s))
+    err, seconds = _timed_call(m, kw)
+    return {"error": err, "seconds": seconds}
+
+
+def _timed_call(m: torch.nn.Module, kw: dict[str, Any]) -> tuple[str, float]:
+    """One call without gradients: "no error" or "<type>: <message>", and its seconds."""
+    import time
+
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
@@ -401,7 +407,7 @@ def meta_input(on_meta: list[int], timeout_s: float) -> dict[str, Any]:
         err = "no error"
     except Exception as e:  # noqa: BLE001 - the type is what is checked
         err = f"{type(e).__name__}: {e}"
-    return {"error": err, "seconds": time.perf_counter() - t0}
+    return err, time.perf_counter() - t0
 
 
 def input_check_works() -> str:
@@ -580,12 +586,5 @@ def stalled_rank(mesh_name: str, timeout_s: float) -> dict[str, Any]:
     cpfx.parallelize(m, make_mesh(names=(mesh_name,)), cfg)
     with torch.no_grad():
         m(**kw)
-    t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            m(**kw)
-        err = "no error"
-    except Exception as e:  # noqa: BLE001 - the type is what is checked
-        err = f"{type(e).__name__}: {e}"
-    seconds = time.perf_counter() - t0
+    err, seconds = _timed_call(m, kw)
     return {"error": err, "seconds": seconds, "timeout": (before, _world_timeout())}

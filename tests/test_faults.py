@@ -437,12 +437,8 @@ def failed_compiles_then_new_size() -> dict[str, Any]:
     }
     out: dict[str, Any] = {}
     for name, args in calls.items():
-        try:
-            with torch.no_grad():
-                m(**args)
-            out[name] = "ok"
-        except Exception as e:  # noqa: BLE001 - the type is what is checked
-            out[name] = f"{type(e).__name__}: {e}"
+        err, _ = _timed_call(m, args)
+        out[name] = "ok" if err == "no error" else err
     rt: Any = m._cpfx
     return {**out, "failed": [g.failed for g in rt.graphs], "reasons": rt.recompile_reasons}
 
@@ -540,7 +536,6 @@ def late_rank(timeout_s: float, late_s: float) -> str:
 def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The last rank exits after parallelize; the others call twice."""
     import os
-    import time
 
     import cpfx
 
@@ -552,14 +547,7 @@ def killed_rank(timeout_s: float = 20.0, config: dict[str, Any] | None = None) -
         os._exit(3)
     out = {}
     for call in ("first", "second"):
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad():
-                m(**kw)
-            out[call] = "no error"
-        except Exception as e:  # noqa: BLE001 - the type is what is checked
-            out[call] = f"{type(e).__name__}: {e}"
-        out[call + "_s"] = time.perf_counter() - t0
+        out[call], out[call + "_s"] = _timed_call(m, kw)
     return out
 
 

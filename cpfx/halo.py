@@ -49,25 +49,21 @@ class Halo:
         e = s + sum(n for _, n in pieces)
         return s, e, max(0, s - self.pad), min(self.layout.size, e + self.pad)
 
+    def rows_from(self, q: int, r: int) -> tuple[int, int]:
+        """(start, length) of rank q's own rows that rank r's convolution reads (none for q == r:
+        its own rows are at hand)."""
+        s, e, _, _ = self.span(q)
+        _, _, a, b = self.span(r)
+        lo, hi = max(s, a), min(e, b)
+        return (lo, hi - lo) if q != r and hi > lo else (s, 0)
+
     def sends(self) -> list[tuple[int, int]]:
-        """(start, length) of this rank's own rows that each rank needs from it (not itself)."""
-        s, e, _, _ = self.span(self.rank)
-        out = []
-        for r in range(len(self.layout.parts)):
-            _, _, a, b = self.span(r)
-            lo, hi = max(s, a), min(e, b)
-            out.append((lo, hi - lo) if r != self.rank and hi > lo else (s, 0))
-        return out
+        """(start, length) of this rank's own rows that each rank needs from it."""
+        return [self.rows_from(self.rank, r) for r in range(len(self.layout.parts))]
 
     def receives(self) -> list[int]:
         """How many rows this rank gets from each rank."""
-        s, e, a, b = self.span(self.rank)
-        out = []
-        for q in range(len(self.layout.parts)):
-            qs, qe, _, _ = self.span(q)
-            lo, hi = max(qs, a), min(qe, b)
-            out.append(hi - lo if q != self.rank and hi > lo else 0)
-        return out
+        return [self.rows_from(q, self.rank)[1] for q in range(len(self.layout.parts))]
 
     def bind_group(self, group: str) -> Halo:
         """The same halo, exchanged over `group` (the applier knows the mesh; rules do not)."""
@@ -93,10 +89,10 @@ def contiguous_in_rank_order(layout: Layout) -> bool:
 def exchange(x: torch.Tensor, halo: Halo) -> torch.Tensor:
     """This rank's rows `x` with the halo rows from the other ranks, in row order: the input rows
     [a, b) of `halo.span(rank)`. Every rank takes part, or none (no padding, no rows)."""
-    d, s = halo.dim, halo.span(halo.rank)[0]
-    sends, recv = halo.sends(), halo.receives()
     if halo.pad == 0 or halo.layout.size == 0:
         return x
+    d, s = halo.dim, halo.span(halo.rank)[0]
+    sends, recv = halo.sends(), halo.receives()
     rows = x.movedim(d, 0)  # [..., S_loc, ...] -> [S_loc, ...]
     parts = [rows.narrow(0, start - s, n) for start, n in sends]
     y = comm.all_to_all(

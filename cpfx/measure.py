@@ -63,7 +63,8 @@ def _node_flops(n: torch.fx.Node) -> int:
     from the shapes in `meta["val"]`; 0 for every other op."""
     from torch.utils.flop_counter import flop_registry
 
-    name = getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
+    packet = getattr(n.target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
     vals: list[Any] = [a.meta.get("val") for a in n.args if isinstance(a, torch.fx.Node)]
     out = n.meta.get("val")
     if name in _MATMULS and isinstance(out, torch.Tensor):
@@ -73,7 +74,6 @@ def _node_flops(n: torch.fx.Node) -> int:
         q, k, v = vals[:3]
         heads_rows = q.numel() // q.shape[-1]  # B * H * Sq
         return 2 * heads_rows * int(k.shape[-2]) * (int(q.shape[-1]) + int(v.shape[-1]))
-    packet = getattr(n.target, "overloadpacket", None)
     if name in ("convolution", "_convolution") and packet in flop_registry:
         return int(flop_registry[packet](*vals, *n.args[len(vals):], out_val=out))
     return 0

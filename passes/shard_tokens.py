@@ -78,12 +78,11 @@ class _Applier:
             return x
         key = (x, need)
         if key not in self.memo:
-            full = self.full_version(x) if isinstance(need, Replicate) else None
             if isinstance(cur, Partial):
                 y = self.reduce(x, cur, before)
                 if isinstance(need, Shard):
                     y = self.slice(y, need, before)
-            elif full is not None:
+            elif isinstance(need, Replicate) and (full := self.full_version(x)) is not None:
                 y = full  # the global value is at hand (a seed, a cheap table): no gather
             elif isinstance(need, Replicate):
                 assert isinstance(cur, Shard)  # cur != need
